@@ -1,0 +1,139 @@
+"""The ``exoticnorm`` command line: ``study``, ``norms``, ``bench``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import registry
+from .base import InputError
+from .data import DatasetNotFound
+from .models.lenet import ACTIVATIONS, LAYER_SETS
+from .train import OPTIMIZERS, RunError, StudyConfig, run_study
+
+DIVERGED_EXIT = 3
+
+
+def _parse_value(raw: str) -> Any:
+    python = {"True": True, "False": False, "None": None}
+    if raw in python:
+        return python[raw]
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def parse_norm_opts(norm: str, pairs: tuple[str, ...]) -> dict[str, Any]:
+    """``key=value`` strings → the norm's options, typed like each option's default."""
+    options = registry.norm_options(norm)
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise registry.NormConfigError(f"--norm-opt expects key=value, got {pair!r}")
+        value = _parse_value(raw)
+        default = options[key].default if key in options else None
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise registry.NormConfigError(f"--norm-opt {pair}: {key} takes true or false")
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (isinstance(default, int) and not isinstance(default, bool)
+                and not (isinstance(value, int) and not isinstance(value, bool))):
+            raise registry.NormConfigError(f"--norm-opt {pair}: {key} takes an integer")
+        parsed[key] = value
+    return parsed
+
+
+@click.group()
+@click.version_option(package_name="exoticnorm")
+def main() -> None:
+    """exoticnorm: exotic normalization layers for PyTorch, and studies of them."""
+
+
+@main.command()
+@click.option("--norm", default="bn", show_default=True, help="Registered norm name (see `exoticnorm norms`).")
+@click.option("--norm-opt", "norm_opts", multiple=True, metavar="KEY=VALUE", help="A norm option; repeatable.")
+@click.option("--norm-layers", default="all", show_default=True, type=click.Choice(list(LAYER_SETS)),
+              help="Which LeNet layers get the norm.")
+@click.option("--dropout", default=0.0, show_default=True, help="Dropout after the fc1/fc2 activations.")
+@click.option("--bias/--no-bias", default=True, show_default=True, help="Bias in layers a norm follows.")
+@click.option("--activation", default="sigmoid", show_default=True, type=click.Choice(list(ACTIVATIONS)))
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.1, show_default=True, type=float)
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--optimizer", default="sgd", show_default=True, type=click.Choice(OPTIMIZERS))
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--data-dir", type=click.Path(file_okay=False), help="Folder with FashionMNIST (else $EXOTICNORM_DATA, cache, Debian package, download).")
+@click.option("--download/--no-download", default=True, show_default=True, help="Let torchvision download the data as a last resort.")
+@click.option("--limit-train", type=click.IntRange(min=2), help="Use only the first N training images.")
+@click.option("--limit-test", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/NORM-sSEED-TIME].")
+@click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]),
+              help="[default: $WANDB_MODE, else online when logged in, else offline]")
+@click.option("--group", help="wandb group for this run.")
+@click.option("--resume", is_flag=True, help="Continue the unfinished run in --out from its last epoch.")
+@click.pass_context
+def study(ctx: click.Context, norm_opts, out, device, data_dir, download, wandb_mode, group, resume, **fields) -> None:
+    """Train the d2l BN-LeNet on FashionMNIST with a norm (defaults: d2l's SGD, lr 0.1, batch 128, 10 epochs)."""
+    try:
+        if resume:
+            if not out:
+                raise RunError("--resume needs --out DIR, the run directory to continue")
+            config_path = Path(out) / "config.json"
+            if not config_path.exists():
+                raise RunError(f"--resume: {config_path} not found; is {out} a run directory?")
+            saved = json.loads(config_path.read_text())
+            given = {k: v for k, v in fields.items()
+                     if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+            if norm_opts:
+                given["norm_opts"] = parse_norm_opts(given.get("norm", saved["norm"]), norm_opts)
+            config = StudyConfig(**{**saved, **given})
+        else:
+            config = StudyConfig(norm_opts=parse_norm_opts(fields["norm"], norm_opts), **fields)
+            out = out or f"runs/{config.norm}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = run_study(config, out, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
+                            resume=resume, download=download, echo=click.echo, group=group)
+    except (RunError, registry.NormConfigError, DatasetNotFound, InputError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if summary["status"] == "diverged":
+        ctx.exit(DIVERGED_EXIT)
+
+
+@main.command()
+def norms() -> None:
+    """List the registered norms, with a one-line description and their options."""
+    descriptions = registry.describe_norms()
+    width = max(map(len, descriptions))
+    for name, text in descriptions.items():
+        options = ", ".join(k for k in registry.norm_options(name) if k not in ("device", "dtype"))
+        click.echo(f"{name:<{width}}  {text}")
+        if options:
+            click.echo(f"{'':<{width}}  options: {options}")
+
+
+@main.command()
+@click.option("--norms", "names", default=None, help="Comma-separated norms [default: all registered].")
+@click.option("--repeats", default=30, show_default=True, help="Timed forward+backward passes per layer shape.")
+@click.option("--train-steps", default=30, show_default=True, help="Timed LeNet training steps per norm (0 skips).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
+def bench(names, repeats, train_steps, device, json_out) -> None:
+    """Time each norm against torch.nn.BatchNorm in the same process and print ratios."""
+    from .bench import run_bench
+
+    chosen = names.split(",") if names else [n for n in registry.available_norms()]
+    try:
+        for n in chosen:
+            registry.create_norm(n, 6)
+    except registry.NormConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    results = run_bench(chosen, repeats, train_steps, device, echo=click.echo)
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")

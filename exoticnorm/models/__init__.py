@@ -1,0 +1,5 @@
+"""Reference models for studies."""
+
+from .lenet import LeNet
+
+__all__ = ["LeNet"]

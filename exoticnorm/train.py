@@ -1,0 +1,335 @@
+"""One study run: train the d2l LeNet with a norm on FashionMNIST, log, checkpoint, resume.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch),
+``checkpoint.pt`` (after every epoch; ``torch.load(..., weights_only=True)``) and, once
+finished, ``summary.json``. Shuffling uses a generator seeded per epoch and the RNG state is
+checkpointed, so a resumed run ends with the metrics of an uninterrupted one on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import FashionMNIST, load_fashion_mnist
+from .models import LeNet
+from .tracking import WandbLogger
+
+__all__ = ["StudyConfig", "RunError", "run_study", "pick_device", "OPTIMIZERS"]
+
+CHECKPOINT_FORMAT = "exoticnorm-checkpoint"
+CHECKPOINT_VERSION = 1
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+RESUMABLE_CHANGES = {"epochs"}  # config fields a resume may change
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class StudyConfig:
+    """Everything that defines a run's result (the device and paths do not)."""
+
+    norm: str = "bn"
+    norm_opts: dict[str, Any] = field(default_factory=dict)
+    norm_layers: str = "all"
+    dropout: float = 0.0
+    bias: bool = True
+    activation: str = "sigmoid"
+    epochs: int = 10
+    lr: float = 0.1
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    seed: int = 0
+    limit_train: int | None = None
+    limit_test: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise RunError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RunError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise RunError(f"lr must be positive, got {self.lr}")
+
+    def build_model(self) -> LeNet:
+        return LeNet(self.norm, self.norm_opts, self.norm_layers, self.dropout, self.bias, self.activation)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _optimizer(config: StudyConfig, params) -> torch.optim.Optimizer:
+    kw = {"lr": config.lr, "weight_decay": config.weight_decay}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, **kw)
+    if config.optimizer == "momentum":
+        return torch.optim.SGD(params, momentum=0.9, **kw)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+class ActivationStats:
+    """Mean and std of each norm's output in training (fastai's "plot the activations"),
+    sampled every ``every`` steps through forward hooks, averaged per epoch."""
+
+    def __init__(self, norms: dict[str, nn.Module], every: int = 10) -> None:
+        self.every, self.step, self.sums = every, 0, {}
+        self.handles = [m.register_forward_hook(self._hook(site)) for site, m in norms.items()]
+
+    def _hook(self, site: str):
+        def hook(module, inputs, output):
+            if module.training and self.step % self.every == 0:
+                with torch.no_grad():
+                    std, mean = torch.std_mean(output.detach().float())
+                    acc = self.sums.setdefault(site, torch.zeros(3, device=output.device))
+                    acc += torch.stack([mean, std, torch.ones_like(mean)])
+        return hook
+
+    def epoch_summary(self) -> dict[str, float]:
+        out = {}
+        for site, (mean, std, n) in ((s, v.tolist()) for s, v in self.sums.items()):
+            out[f"act/{site}/mean"], out[f"act/{site}/std"] = mean / n, std / n
+        self.sums = {}
+        return out
+
+
+def _evaluate(model: nn.Module, x, y, batch_size: int = 1024) -> tuple[float, float]:
+    model.eval()
+    loss, correct = torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i : i + batch_size])
+            loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
+            correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
+    return loss.item() / len(x), correct.item() / len(x)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+def _progress(total: int, label: str):
+    """A progress bar on a TTY only; a no-op context elsewhere (logs, CI)."""
+    import click
+
+    if sys.stderr.isatty():
+        return click.progressbar(length=total, label=label, file=sys.stderr)
+
+    class _Silent:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            pass
+
+    return _Silent()
+
+
+def _prepare_dir(out: Path, config: StudyConfig, resume: bool) -> dict | None:
+    """Create or check the run directory; return the checkpoint to resume from, if any."""
+    if resume:
+        return _load_checkpoint(out, config)
+    if (out / "summary.json").exists():
+        raise RunError(f"{out} holds a finished run (summary.json); it is kept as it is. "
+                       "Choose another --out, or delete that folder yourself to run again")
+    if (out / "checkpoint.pt").exists() or (out / "metrics.jsonl").exists():
+        raise RunError(f"{out} holds an unfinished run; continue it with --resume, "
+                       "or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise RunError(f"cannot write to --out {out} ({exc.strerror or exc}); "
+                       "choose a folder you can write to") from exc
+    _write_json(out / "config.json", dataclasses.asdict(config))
+    return None
+
+
+def _load_checkpoint(out: Path, config: StudyConfig) -> dict:
+    path = out / "checkpoint.pt"
+    if (out / "summary.json").exists():
+        raise RunError(f"{out} holds a finished run (summary.json): nothing to resume")
+    if not path.exists():
+        raise RunError(f"--resume: no checkpoint at {path}; start a new run without --resume")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise RunError(f"--resume: checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                       "it was left untouched; start a new run with another --out") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"--resume: {path} is not an exoticnorm checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise RunError(f"--resume: {path} has checkpoint version {ckpt.get('version')}, "
+                       f"this exoticnorm reads version {CHECKPOINT_VERSION}")
+    saved = ckpt["config"]
+    wanted = dataclasses.asdict(config)
+    diff = {k: (saved.get(k), v) for k, v in wanted.items()
+            if saved.get(k) != v and k not in RESUMABLE_CHANGES}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise RunError(f"--resume: the checkpoint in {out} was made with other settings ({lines}); "
+                       "resume with the same settings, or start a new run with another --out")
+    if ckpt["epoch"] >= config.epochs:
+        raise RunError(f"--resume: the checkpoint already has {ckpt['epoch']} epochs; "
+                       f"ask for more with --epochs")
+    return ckpt
+
+
+def run_study(
+    config: StudyConfig,
+    out: str | os.PathLike,
+    device: str = "auto",
+    data_dir: str | None = None,
+    wandb_mode: str | None = None,
+    resume: bool = False,
+    download: bool = True,
+    echo: Callable[[str], None] = print,
+    group: str | None = None,
+    data: FashionMNIST | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train, evaluating after every epoch; return the summary (also in ``out/summary.json``).
+
+    ``stop_after`` ends the process-equivalent of a kill after that many epochs (for tests).
+    A non-finite training loss ends the run with ``status: "diverged"``; the last good
+    checkpoint stays.
+    """
+    out = Path(out)
+    dev = pick_device(device)
+    torch.manual_seed(config.seed)
+    model = config.build_model()  # bad norm options fail here, before anything is written
+    ckpt = _prepare_dir(out, config, resume)
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)  # subnormal sigmoid outputs slow CPU steps a lot
+    data = data or load_fashion_mnist(data_dir, dev, download, config.limit_train, config.limit_test)
+    data.train_x, data.train_y = data.train_x.to(dev), data.train_y.to(dev)
+    data.test_x, data.test_y = data.test_x.to(dev), data.test_y.to(dev)
+
+    model = model.to(dev)
+    optimizer = _optimizer(config, model.parameters())
+    start_epoch, elapsed, run_id = 0, 0.0, None
+    metrics_path = out / "metrics.jsonl"
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise RunError(f"--resume: the checkpoint in {out} does not fit this model ({exc})") from exc
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if dev.type == "cuda" and ckpt.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"], dev)
+        start_epoch, elapsed, run_id = ckpt["epoch"], ckpt["elapsed"], ckpt.get("wandb_run_id") or None
+        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+        kept = [l for l in lines if l.strip() and json.loads(l)["epoch"] <= start_epoch]
+        _atomic_write(metrics_path, lambda p: p.write_text("".join(l + "\n" for l in kept)))
+        echo(f"resuming {out} after epoch {start_epoch}")
+
+    name = f"{config.norm}-s{config.seed}"
+    tracker = WandbLogger(wandb_mode, out, {**dataclasses.asdict(config), "device": str(dev)},
+                          name=name, group=group, run_id=run_id, echo=echo)
+    stats = ActivationStats(model.norms())
+    n_train = len(data.train_x)
+    steps = math.ceil(n_train / config.batch_size)
+    echo(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, {n_train} training "
+         f"images from {data.source}, device {dev}, {config.epochs} epochs")
+    echo(f"{'epoch':>5} {'loss':>7} {'train':>6} {'t_loss':>7} {'test':>6} {'img/s':>8} {'sec':>6}  norm output mean/std")
+    status, record = "finished", {}
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        gen = torch.Generator(device=dev).manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(n_train, device=dev, generator=gen)
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev)
+        with _progress(steps, f"epoch {epoch}") as bar:
+            for step in range(steps):
+                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
+                x, y = data.train_x[idx], data.train_y[idx]
+                stats.step = step
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.detach().argmax(1) == y).sum()
+                bar.update(1)
+        train_loss = loss_sum.item() / n_train
+        train_time = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            status = "diverged"
+            echo(f"training diverged in epoch {epoch} (train loss {train_loss}); the last good "
+                 f"checkpoint (epoch {epoch - 1}) is kept; try a smaller --lr")
+            break
+        test_loss, test_acc = _evaluate(model, data.test_x, data.test_y)
+        wall = time.perf_counter() - t0
+        elapsed += wall
+        record = {
+            "epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n_train,
+            "test_loss": test_loss, "test_acc": test_acc, "images_per_sec": n_train / train_time,
+            "epoch_time": wall, "elapsed": elapsed, **stats.epoch_summary(),
+        }
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
+            "config": dataclasses.asdict(config), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+            "elapsed": elapsed, "wandb_run_id": tracker.run_id or "",
+        }
+        _atomic_write(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
+        tracker.log(record, step=epoch)
+        acts = " ".join(f"{record[f'act/{s}/mean']:+.2f}/{record[f'act/{s}/std']:.2f}"
+                        for s in model.norm_sites if f"act/{s}/mean" in record)
+        echo(f"{epoch:>5} {train_loss:7.4f} {record['train_acc']:6.3f} {test_loss:7.4f} "
+             f"{test_acc:6.3f} {record['images_per_sec']:8.0f} {wall:6.1f}  {acts}")
+        if stop_after is not None and epoch >= stop_after:
+            tracker.finish()
+            return {"status": "stopped", "epoch": epoch}
+
+    summary = {
+        "status": status,
+        "epochs_done": record.get("epoch", start_epoch),
+        "test_acc": record.get("test_acc"), "train_acc": record.get("train_acc"),
+        "train_loss": record.get("train_loss"), "test_loss": record.get("test_loss"),
+        "images_per_sec": record.get("images_per_sec"), "elapsed": elapsed,
+        "device": str(dev), "data_source": data.source,
+        "torch": torch.__version__, "config": dataclasses.asdict(config),
+    }
+    _write_json(out / "summary.json", summary)
+    tracker.finish({k: v for k, v in summary.items() if k != "config"})
+    echo(f"{status}: test_acc {summary['test_acc']}, summary in {out / 'summary.json'}")
+    return summary
