@@ -68,7 +68,7 @@ def _layer_ratios(name: str, repeats: int, device) -> dict[str, float | None]:
     return ratios
 
 
-def _train_rates(models: dict[str, nn.Module], steps: int, device, rounds: int = 5) -> dict[str, float]:
+def _train_rates(models: dict[str, nn.Module], steps: int, device, rounds: int = 10) -> dict[str, float]:
     x = torch.rand(128, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (128,), device=device)
     opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}

@@ -121,7 +121,7 @@ def norms() -> None:
 @main.command()
 @click.option("--norms", "names", default=None, help="Comma-separated norms [default: all registered].")
 @click.option("--repeats", default=30, show_default=True, help="Timed forward+backward passes per layer shape.")
-@click.option("--train-steps", default=30, show_default=True, help="Timed LeNet training steps per norm (0 skips).")
+@click.option("--train-steps", default=100, show_default=True, help="Timed LeNet training steps per norm (0 skips).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
 def bench(names, repeats, train_steps, device, json_out) -> None:
