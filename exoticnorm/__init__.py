@@ -1,6 +1,6 @@
 """exoticnorm: exotic normalization layers for PyTorch, with a registry and study tools."""
 
-from . import functional
+from . import functional, whitening
 from .base import InputError, Norm, RunningStatsNorm
 from .batchnorm import BatchNorm, BatchNormMean, BatchNormVar, FrozenAffineBatchNorm
 from .groupnorm import GroupNorm, InstanceNorm, LayerNorm
@@ -15,11 +15,13 @@ from .registry import (
     register_norm,
 )
 from .running_batchnorm import RunningBatchNorm
+from .zca import BlockZCANorm, SparseZCANorm, ZCANorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "whitening",
     "Norm",
     "RunningStatsNorm",
     "InputError",
@@ -32,6 +34,9 @@ __all__ = [
     "InstanceNorm",
     "NoNorm",
     "RunningBatchNorm",
+    "ZCANorm",
+    "BlockZCANorm",
+    "SparseZCANorm",
     "NormConfigError",
     "register_norm",
     "available_norms",

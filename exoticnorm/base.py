@@ -134,13 +134,16 @@ class RunningStatsNorm(Norm):
             raise ValueError(f"momentum must be in [0, 1] or None (cumulative), got {momentum!r}")
         self.momentum = momentum
         self.track_running_stats = bool(track_running_stats)
-        for name, (_, per_channel) in self._running_stats.items():
-            shape = (num_features,) if per_channel else ()
+        for name in self._running_stats:
+            shape = self._running_shape(name)
             buffer = torch.empty(shape, device=device, dtype=dtype) if track_running_stats else None
             self.register_buffer(name, buffer)
         tracked = torch.tensor(0, dtype=torch.long, device=device) if track_running_stats else None
         self.register_buffer("num_batches_tracked", tracked)
         self.reset_running_stats()
+
+    def _running_shape(self, name: str) -> tuple[int, ...]:
+        return (self.num_features,) if self._running_stats[name][1] else ()
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:

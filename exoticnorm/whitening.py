@@ -1,0 +1,202 @@
+"""Whitening math as pure functions, batched over channel groups.
+
+Channels are split into G groups of c (the last one zero-padded), so every covariance here has
+shape (G, c, c) and every whitening matrix W ≈ Σ^(-1/2) too. Statistics of float16/bfloat16
+input are computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .functional import stats_dtype
+
+__all__ = [
+    "to_groups",
+    "from_groups",
+    "group_moments",
+    "regularize",
+    "ledoit_wolf_intensity",
+    "inv_sqrt_eigh",
+    "inv_sqrt_newton",
+    "inverse_sqrt",
+    "sparsify",
+    "threshold_covariance",
+    "METHODS",
+]
+
+METHODS = ("eigh", "newton", "auto")
+
+
+def to_groups(x: Tensor, group_size: int) -> Tensor:
+    """(N, C, *s) → (G, c, M) with M = N·prod(s); channels padded with zeros to G·c."""
+    pad = -x.shape[1] % group_size
+    if pad:
+        x = F.pad(x.movedim(1, -1), (0, pad)).movedim(-1, 1)
+    return rearrange(x, "n (g c) ... -> g c (n ...)", c=group_size)
+
+
+def from_groups(y: Tensor, like: Tensor) -> Tensor:
+    """Inverse of ``to_groups``: (G, c, M) → the shape of ``like``, padding dropped."""
+    n, channels, *spatial = like.shape
+    y = rearrange(y, "g c (n s) -> n (g c) s", n=n)[:, :channels]
+    return y.reshape(n, channels, *spatial)
+
+
+def group_moments(xg: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per group: Σx − M·shift and Σ(x − shift)(x − shift)ᵀ with M samples, for any shift.
+
+    Returns (sum (G, c), scatter (G, c, c), M). With the shift near the mean, scatter − M·m̄m̄ᵀ
+    (m̄ = sum / M) is the centred scatter without cancellation; sums of these over processes
+    merge exactly when all use the same shift.
+    """
+    xs = xg if shift is None else xg - shift.unsqueeze(-1)
+    total = xs.sum(-1)
+    scatter = xs @ xs.mT
+    return total, scatter, torch.tensor(float(xg.shape[-1]), device=xg.device, dtype=xg.dtype)
+
+
+def ledoit_wolf_intensity(xc: Tensor, cov: Tensor) -> Tensor:
+    """Ledoit–Wolf (2004) shrinkage intensity ρ ∈ [0, 1] toward m·I, m = tr(Σ)/c, per group.
+
+    ρ = min(1, b² / d²), b² = (1/M²) Σ_k ‖x_k x_kᵀ − Σ‖²_F, d² = ‖Σ − m I‖²_F, for centred
+    samples x_k (columns of ``xc``); uses Σ_k ‖x_k x_kᵀ − Σ‖²_F = Σ_k ‖x_k‖⁴ − M‖Σ‖²_F. Detached.
+    """
+    with torch.no_grad():
+        m_samples = xc.shape[-1]
+        c = cov.shape[-1]
+        m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)
+        fourth = xc.pow(2).sum(-2).pow(2).sum(-1)
+        b2 = (fourth - m_samples * cov.pow(2).sum((-2, -1))) / m_samples**2
+        eye = torch.eye(c, device=cov.device, dtype=cov.dtype)
+        d2 = (cov - m[:, None, None] * eye).pow(2).sum((-2, -1))
+        rho = torch.where(d2 > 0, b2.clamp_min(0) / d2.clamp_min(torch.finfo(cov.dtype).tiny), 0.0)
+        return rho.clamp(0.0, 1.0)
+
+
+def regularize(cov: Tensor, eps: float, rho: Tensor | float = 0.0) -> Tensor:
+    """Σ_reg = (1 − ρ) Σ + ρ m I + eps I, m = tr(Σ)/c per group (shrinkage, then a ridge)."""
+    c = cov.shape[-1]
+    eye = torch.eye(c, device=cov.device, dtype=cov.dtype)
+    rho = torch.as_tensor(rho, device=cov.device, dtype=cov.dtype).reshape(-1, 1, 1)
+    m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
+    return (1 - rho) * cov + (rho * m + eps) * eye
+
+
+class _InvSqrtEigh(torch.autograd.Function):
+    """W = U diag(λ^(-1/2)) Uᵀ, with the Daleckii–Krein backward written in closed form.
+
+    dL/dΣ = U (K ∘ Uᵀ Ḡ U) Uᵀ with Ḡ the symmetric part of dL/dW and
+    K_ij = (λi^(-1/2) − λj^(-1/2)) / (λi − λj) = −1 / (si sj (si + sj)), si = √λi,
+    which is also f′(λ) = −½ λ^(-3/2) on the diagonal: no division by λi − λj, so repeated
+    or nearly equal eigenvalues give finite, exact gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, cov: Tensor) -> Tensor:
+        lam, u = torch.linalg.eigh(cov)
+        floor = lam.amax(-1, keepdim=True).clamp_min(0) * torch.finfo(lam.dtype).eps
+        s = lam.clamp_min(floor).clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
+        ctx.save_for_backward(u, s)
+        return (u / s.unsqueeze(-2)) @ u.mT
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        u, s = ctx.saved_tensors
+        sym = (grad + grad.mT) / 2
+        si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
+        k = -1.0 / (si * sj * (si + sj))
+        return u @ ((u.mT @ sym @ u) * k) @ u.mT
+
+
+def inv_sqrt_eigh(cov: Tensor) -> Tensor:
+    """Σ^(-1/2) by symmetric eigendecomposition (exact up to rounding)."""
+    return _InvSqrtEigh.apply(cov)
+
+
+def inv_sqrt_newton(cov: Tensor, iterations: int = 5) -> Tensor:
+    """Σ^(-1/2) by ``iterations`` Newton–Schulz steps on Σ/tr(Σ) (IterNorm's scheme).
+
+    P₀ = I, P_{k+1} = ½ (3 P_k − P_k³ Σ_N), W = P_T / √tr(Σ). Converges, but slowly on
+    ill-conditioned Σ: a few iterations do NOT fully whiten (Cov(WX) stays visibly off I).
+    """
+    trace = cov.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None]
+    a = cov / trace
+    p = torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype).repeat(cov.shape[0], 1, 1)
+    for _ in range(iterations):
+        p = torch.baddbmm(p, torch.linalg.matrix_power(p, 3), a, beta=1.5, alpha=-0.5)
+    return p / trace.sqrt()
+
+
+def inverse_sqrt(cov: Tensor, method: str = "auto", iterations: int = 5) -> Tensor:
+    """Σ^(-1/2) by ``method``: eigh, newton, or auto (eigh, except newton for many small
+    groups on CUDA, where batched small eigh is slow). A failing eigh is retried with jitter,
+    then replaced by Newton–Schulz, with a warning: training never stops on it."""
+    if method == "auto":
+        small_batched = cov.is_cuda and cov.shape[0] > 1 and cov.shape[-1] <= 32
+        method = "newton" if small_batched else "eigh"
+    if method == "newton":
+        return inv_sqrt_newton(cov, iterations)
+    if method != "eigh":
+        raise ValueError(f"unknown whitening method {method!r}; use one of {', '.join(METHODS)}")
+    try:
+        return inv_sqrt_eigh(cov)
+    except torch.linalg.LinAlgError:
+        pass
+    scale = cov.diagonal(dim1=-2, dim2=-1).mean().abs().item() or 1.0
+    jitter = 1e-4 * scale * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+    try:
+        out = inv_sqrt_eigh(cov + jitter)
+        warnings.warn("eigh failed on the covariance; whitened with a jitter of 1e-4·mean variance",
+                      RuntimeWarning, stacklevel=3)
+        return out
+    except torch.linalg.LinAlgError:
+        warnings.warn(f"eigh failed twice; whitened with {iterations} Newton–Schulz iterations",
+                      RuntimeWarning, stacklevel=3)
+        return inv_sqrt_newton(cov + jitter, iterations)
+
+
+def _offdiag_mask(scores: Tensor, density: float) -> Tensor:
+    """Per group, True on the diagonal and on the ``density`` fraction of largest off-diagonal
+    scores (rounded to a symmetric pair count when the scores are symmetric)."""
+    c = scores.shape[-1]
+    eye = torch.eye(c, dtype=torch.bool, device=scores.device)
+    k = round(density * (c * c - c))
+    if k <= 0:
+        return eye.expand_as(scores)
+    if k >= c * c - c:
+        return torch.ones_like(scores, dtype=torch.bool)
+    flat = scores.abs().masked_fill(eye, -1.0).flatten(1)
+    threshold = flat.topk(k, dim=-1).values[:, -1:]
+    return (flat >= threshold).view_as(scores) | eye
+
+
+def sparsify(w: Tensor, cov: Tensor, density: float) -> Tensor:
+    """Keep the ``density`` fraction of W's largest off-diagonal entries (the diagonal always),
+    then rescale each row so each output channel has unit variance under Σ:
+    W_s ← diag(W_s Σ W_sᵀ)^(-1/2) W_s. density 1 gives W; density 0 gives diag(Σ)^(-1/2),
+    per-channel standardization."""
+    mask = _offdiag_mask(w.detach(), density)
+    ws = w * mask
+    var = ((ws @ cov) * ws).sum(-1)
+    return ws * var.clamp_min(torch.finfo(var.dtype).tiny).rsqrt().unsqueeze(-1)
+
+
+def threshold_covariance(cov: Tensor, density: float, eps: float) -> Tensor:
+    """Bickel–Levina thresholding: keep the ``density`` fraction of largest off-diagonal
+    correlations and zero the rest; thresholding can lose positive definiteness, so the
+    diagonal is then raised by max(0, eps − λ_min) (computed without gradient), which keeps
+    the sparsity pattern."""
+    std = cov.diagonal(dim1=-2, dim2=-1).clamp_min(torch.finfo(cov.dtype).tiny).sqrt()
+    corr = cov / (std.unsqueeze(-1) * std.unsqueeze(-2))
+    thresholded = cov * _offdiag_mask(corr.detach(), density)
+    with torch.no_grad():
+        lift = (eps - torch.linalg.eigvalsh(thresholded)[..., 0]).clamp_min(0.0)
+    eye = torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+    return thresholded + lift[:, None, None] * eye
