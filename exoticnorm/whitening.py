@@ -1,7 +1,8 @@
 """Whitening math as pure functions, batched over channel groups.
 
-Channels are split into G groups of c (the last one zero-padded), so every covariance here has
-shape (G, c, c) and every whitening matrix W ≈ Σ^(-1/2) too. Statistics of float16/bfloat16
+Channels are split into G groups of c (the last one zero-padded) and viewed as
+(B, G, c, S) with the samples of each group on axes B and S (``group_view``), so every
+covariance here has shape (G, c, c) and every whitening matrix W ≈ Σ^(-1/2) too. Statistics of float16/bfloat16
 input are computed in float32.
 """
 
@@ -18,9 +19,12 @@ from torch import Tensor
 from .functional import stats_dtype
 
 __all__ = [
-    "to_groups",
-    "from_groups",
+    "group_view",
+    "ungroup",
+    "sample_count",
+    "block_matmul",
     "group_moments",
+    "whiten_batch",
     "regularize",
     "ledoit_wolf_intensity",
     "inv_sqrt_eigh",
@@ -34,45 +38,123 @@ __all__ = [
 METHODS = ("eigh", "newton", "auto")
 
 
-def to_groups(x: Tensor, group_size: int) -> Tensor:
-    """(N, C, *s) → (G, c, M) with M = N·prod(s); channels padded with zeros to G·c."""
+def group_view(x: Tensor, group_size: int) -> Tensor:
+    """(N, C, *s) → (B, G, c, S), samples on the last axis, as a view where possible.
+
+    With spatial dims B = N and S = prod(s); for (N, C) input B = 1 and S = N (a transposed
+    view). Channels are zero-padded to G·c when c does not divide C (the only copy).
+    """
     pad = -x.shape[1] % group_size
     if pad:
         x = F.pad(x.movedim(1, -1), (0, pad)).movedim(-1, 1)
-    return rearrange(x, "n (g c) ... -> g c (n ...)", c=group_size)
+    if x.ndim == 2:
+        return rearrange(x, "n (g c) -> 1 g c n", c=group_size)
+    return rearrange(x, "n (g c) ... -> n g c (...)", c=group_size)
 
 
-def from_groups(y: Tensor, like: Tensor) -> Tensor:
-    """Inverse of ``to_groups``: (G, c, M) → the shape of ``like``, padding dropped."""
-    n, channels, *spatial = like.shape
-    y = rearrange(y, "g c (n s) -> n (g c) s", n=n)[:, :channels]
-    return y.reshape(n, channels, *spatial)
+def ungroup(y: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of ``group_view`` for an input of ``shape``: padding dropped."""
+    if len(shape) == 2:
+        y = rearrange(y, "1 g c n -> n (g c)")
+    else:
+        y = rearrange(y, "n g c s -> n (g c) s")
+    if y.shape[1] != shape[1]:
+        y = y[:, : shape[1]]
+    return y.reshape(shape)
 
 
-def group_moments(xg: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Per group: Σx − M·shift and Σ(x − shift)(x − shift)ᵀ with M samples, for any shift.
+def block_matmul(a: Tensor, xv: Tensor) -> Tensor:
+    """a (G, c, c) applied to every sample: (B, G, c, S) → (B, G, c, S).
 
-    Returns (sum (G, c), scatter (G, c, c), M). With the shift near the mean, scatter − M·m̄m̄ᵀ
-    (m̄ = sum / M) is the centred scatter without cancellation; sums of these over processes
-    merge exactly when all use the same shift.
+    The batch is flattened and ``a`` materialised per (B, G): bmm over an expanded (stride-0)
+    batch falls into a slow path.
     """
-    xs = xg if shift is None else xg - shift.unsqueeze(-1)
-    total = xs.sum(-1)
-    scatter = xs @ xs.mT
-    return total, scatter, torch.tensor(float(xg.shape[-1]), device=xg.device, dtype=xg.dtype)
+    b, g, c, s = xv.shape
+    out = torch.bmm(a.expand(b, g, c, c).reshape(b * g, c, c), xv.reshape(b * g, c, s))
+    return out.view(b, g, c, s)
+
+
+def sample_count(xv: Tensor) -> int:
+    """M = B·S: how many samples each group's statistics see."""
+    return xv.shape[0] * xv.shape[-1]
+
+
+def group_moments(xv: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Per group: Σ(x − s) (G, c) and Σ(x − s)(x − s)ᵀ (G, c, c) for a shift s (G, c).
+
+    With s near the mean, scatter/M − m̄m̄ᵀ (m̄ = sum/M) is the covariance without
+    cancellation; sums of these over processes merge exactly when all use the same s.
+    """
+    xs = xv - shift.unsqueeze(-1)
+    return xs.sum((0, 3)), torch.matmul(xs, xs.mT).sum(0)
+
+
+class _WhitenBatch(torch.autograd.Function):
+    """y = A(Σ, γ) (x − μ) + b(Σ, β) from the batch's own mean μ and covariance Σ.
+
+    The small map (Σ, γ, β) → (A, b) is any differentiable function (``affine``); it runs on a
+    detached Σ inside forward and is differentiated with autograd in backward, while the
+    large tensors get hand-written passes with a single gradient buffer:
+    ḡ_b = Σ ḡ_y, ḡ_A = Σ ḡ_y xcᵀ, (ḡ_Σ, ḡ_γ, ḡ_β) from the small graph, and
+    ḡ_x = Aᵀ (ḡ_y − ḡ_b / M) + (ḡ_Σ + ḡ_Σᵀ)/M · xc (Σ's dependence on μ adds nothing since
+    the centred samples sum to zero).
+    """
+
+    @staticmethod
+    def forward(ctx, xv: Tensor, affine, weight: Tensor | None, bias: Tensor | None):
+        mean = xv.mean((0, 3), keepdim=True)
+        xc = xv - mean
+        cov = torch.matmul(xc, xc.mT).sum(0).div_(sample_count(xv))
+        leaf = cov.detach().requires_grad_()
+        params = [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in (weight, bias)]
+        with torch.enable_grad():
+            a, b = affine(leaf, xc, *params)
+        y = block_matmul(a.detach(), xc).add_(b.detach().unsqueeze(-1))
+        ctx.save_for_backward(xc)
+        ctx.graph = (leaf, params, a, b)
+        mean = mean[0, ..., 0]
+        ctx.mark_non_differentiable(mean, cov)
+        return y, mean, cov
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_mean, _grad_cov):
+        (xc,) = ctx.saved_tensors
+        leaf, params, a, b = ctx.graph
+        m = sample_count(xc)
+        grad_b = grad.sum((0, 3))
+        grad_a = torch.matmul(grad, xc.mT).sum(0)
+        wanted = [leaf] + [p for p in params if p is not None and p.requires_grad]
+        found = iter(torch.autograd.grad((a, b), wanted, (grad_a, grad_b), allow_unused=True,
+                                         retain_graph=True))  # small; lets callers backward twice
+        grad_cov = next(found)
+        grad_params = [next(found) if p is not None and p.requires_grad else None for p in params]
+        at = a.detach().mT
+        grad_x = block_matmul(at, grad).sub_((at @ grad_b.unsqueeze(-1)) / m)
+        if grad_cov is not None:
+            bsz, g, c, s = xc.shape
+            sym = ((grad_cov + grad_cov.mT) / m).expand(bsz, g, c, c).reshape(bsz * g, c, c)
+            grad_x.view(bsz * g, c, s).baddbmm_(sym, xc.reshape(bsz * g, c, s))
+        return grad_x, None, *grad_params
+
+
+def whiten_batch(xv: Tensor, affine, weight: Tensor | None, bias: Tensor | None):
+    """Whiten (B, G, c, S) samples with their own statistics: returns y, mean (G, c) and the
+    biased covariance (G, c, c). ``affine(cov, xc, weight, bias) -> (A, b)`` builds the map."""
+    return _WhitenBatch.apply(xv, affine, weight, bias)
 
 
 def ledoit_wolf_intensity(xc: Tensor, cov: Tensor) -> Tensor:
     """Ledoit–Wolf (2004) shrinkage intensity ρ ∈ [0, 1] toward m·I, m = tr(Σ)/c, per group.
 
-    ρ = min(1, b² / d²), b² = (1/M²) Σ_k ‖x_k x_kᵀ − Σ‖²_F, d² = ‖Σ − m I‖²_F, for centred
-    samples x_k (columns of ``xc``); uses Σ_k ‖x_k x_kᵀ − Σ‖²_F = Σ_k ‖x_k‖⁴ − M‖Σ‖²_F. Detached.
+    ρ = min(1, b² / d²), b² = (1/M²) Σ_k ‖x_k x_kᵀ − Σ‖²_F, d² = ‖Σ − m I‖²_F, for the centred
+    samples x_k of ``xc`` (B, G, c, S); uses Σ_k ‖x_k x_kᵀ − Σ‖²_F = Σ_k ‖x_k‖⁴ − M‖Σ‖²_F.
+    Computed without gradient.
     """
     with torch.no_grad():
-        m_samples = xc.shape[-1]
+        m_samples = sample_count(xc)
         c = cov.shape[-1]
         m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)
-        fourth = xc.pow(2).sum(-2).pow(2).sum(-1)
+        fourth = xc.pow(2).sum(2).pow(2).sum((0, 2))
         b2 = (fourth - m_samples * cov.pow(2).sum((-2, -1))) / m_samples**2
         eye = torch.eye(c, device=cov.device, dtype=cov.dtype)
         d2 = (cov - m[:, None, None] * eye).pow(2).sum((-2, -1))
@@ -82,8 +164,9 @@ def ledoit_wolf_intensity(xc: Tensor, cov: Tensor) -> Tensor:
 
 def regularize(cov: Tensor, eps: float, rho: Tensor | float = 0.0) -> Tensor:
     """Σ_reg = (1 − ρ) Σ + ρ m I + eps I, m = tr(Σ)/c per group (shrinkage, then a ridge)."""
-    c = cov.shape[-1]
-    eye = torch.eye(c, device=cov.device, dtype=cov.dtype)
+    eye = torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+    if isinstance(rho, float) and rho == 0.0:
+        return torch.add(cov, eye, alpha=eps)
     rho = torch.as_tensor(rho, device=cov.device, dtype=cov.dtype).reshape(-1, 1, 1)
     m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None]
     return (1 - rho) * cov + (rho * m + eps) * eye
@@ -100,9 +183,9 @@ class _InvSqrtEigh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cov: Tensor) -> Tensor:
-        lam, u = torch.linalg.eigh(cov)
-        floor = lam.amax(-1, keepdim=True).clamp_min(0) * torch.finfo(lam.dtype).eps
-        s = lam.clamp_min(floor).clamp_min(torch.finfo(lam.dtype).tiny).sqrt()
+        lam, u = torch.linalg.eigh(cov)  # ascending: lam[..., -1] is the largest
+        info = torch.finfo(lam.dtype)
+        s = torch.maximum(lam, lam[..., -1:] * info.eps).clamp_min(info.tiny).sqrt()
         ctx.save_for_backward(u, s)
         return (u / s.unsqueeze(-2)) @ u.mT
 

@@ -2,7 +2,8 @@
 
 Training: per group of c channels, mean μ and covariance Σ over every dim but C (summed over
 processes inside an initialised process group), W ≈ Σ_reg^(-1/2), y = γ ∘ W (x − μ) + β.
-Eval: the same map from ``running_mean`` and ``running_cov``, cached as one affine map.
+Eval: one affine map y = A x + b from ``running_mean`` and ``running_cov``; the whitening
+matrix behind it is cached until the statistics change.
 
 Running statistics keep the covariance, not the whitening matrix: an average of covariances
 is the covariance of the pooled batches (a consistent estimator), an average of whitening
@@ -36,7 +37,11 @@ def _distributed(group) -> bool:
 class _Whitening(RunningStatsNorm):
     """Shared machinery of the ZCA family (see the module docstring)."""
 
-    _running_stats = {"running_mean": (0.0, True), "running_cov": (0.0, False)}
+    _running_stats = {
+        "running_mean": (0.0, True),
+        "running_cov": (0.0, False),
+        "running_shrinkage": (0.0, False),
+    }
     _convertible_state = ("weight", "bias")
 
     def __init__(
@@ -88,6 +93,8 @@ class _Whitening(RunningStatsNorm):
     def _running_shape(self, name: str) -> tuple[int, ...]:
         if name == "running_cov":
             return (self.num_groups, self._group_size, self._group_size)
+        if name == "running_shrinkage":
+            return (self.num_groups,)
         return super()._running_shape(name)
 
     def reset_running_stats(self) -> None:
@@ -102,17 +109,18 @@ class _Whitening(RunningStatsNorm):
         if v is None:
             return None
         pad = self.num_groups * self._group_size - self.num_features
-        return torch.cat([v, v.new_full((pad,), fill)]).view(self.num_groups, self._group_size)
+        if pad:
+            v = torch.cat([v, v.new_full((pad,), fill)])
+        return v.view(self.num_groups, self._group_size)
 
-    def _whiten(self, cov: Tensor, xc: Tensor | None) -> Tensor:
-        """Σ (G, c, c) → the whitening matrix, after shrinkage, ridge and sparsification."""
-        c = self._group_size
-        rho: Tensor | float = 0.0
-        if self.shrinkage == "lw" or (self.shrinkage == "auto" and xc is not None
-                                      and xc.shape[-1] < 4 * c):
-            rho = W.ledoit_wolf_intensity(xc, cov) if xc is not None else 0.0
-        elif not isinstance(self.shrinkage, str):
-            rho = float(self.shrinkage)
+    def _shrinkage_intensity(self, cov: Tensor, xc: Tensor) -> Tensor | float:
+        """ρ for this batch: Ledoit–Wolf's when "lw", or "auto" with fewer than 4c samples."""
+        if self.shrinkage == "lw" or (self.shrinkage == "auto" and W.sample_count(xc) < 4 * self._group_size):
+            return W.ledoit_wolf_intensity(xc, cov)
+        return 0.0 if isinstance(self.shrinkage, str) else float(self.shrinkage)
+
+    def _whiten(self, cov: Tensor, rho: Tensor | float) -> Tensor:
+        """Σ (G, c, c) → the whitening matrix, after shrinkage ρ, ridge and sparsification."""
         cov = W.regularize(cov, self.eps, rho)
         if self.density < 1.0 and self.sparsify == "covariance":
             cov = W.threshold_covariance(cov, self.density, self.eps)
@@ -121,36 +129,44 @@ class _Whitening(RunningStatsNorm):
             w = W.sparsify(w, cov, self.density)
         return w
 
-    def _transform(self, xg: Tensor, w: Tensor, mean: Tensor) -> Tensor:
-        """y = γ ∘ W (x − mean) + β as one batched multiply-add, grouped layout."""
-        weight, bias = self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0)
+    def _affine_map(self, w: Tensor, mean: Tensor | None, weight: Tensor | None,
+                    bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """A = γ ∘ W and b = β − A·mean (grouped), so that y = A x + b."""
+        weight, bias = self._grouped(weight, 1.0), self._grouped(bias, 0.0)
         a = w if weight is None else w * weight.to(w.dtype).unsqueeze(-1)
-        b = -(a @ mean.unsqueeze(-1))
-        if bias is not None:
-            b = b + bias.to(w.dtype).unsqueeze(-1)
-        return torch.baddbmm(b, a, xg)
+        b = a.new_zeros(a.shape[:2]) if bias is None else bias.to(a.dtype)
+        if mean is not None:
+            b = b - (a @ mean.unsqueeze(-1)).squeeze(-1)
+        return a, b
 
-    def _batch_stats(self, xg: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Mean (G, c), biased covariance (G, c, c), sample count, and the samples and mean
-        minus a shift (the detached local mean, or in a process group the running mean)."""
-        if _distributed(self.process_group):
-            shift = self._grouped(self.running_mean, 0.0) if self.track_running_stats else None
-            shift = torch.zeros(xg.shape[:2], device=xg.device, dtype=xg.dtype) if shift is None else shift.to(xg.dtype)
-            total, scatter, count = W.group_moments(xg, shift)
-            from torch.distributed.nn.functional import all_reduce
+    def _batch_affine(self, cov: Tensor, xc: Tensor, weight: Tensor | None,
+                      bias: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The training map for centred samples: A = γ ∘ W(Σ), b = β. Records ρ."""
+        self._last_rho = self._shrinkage_intensity(cov.detach(), xc.detach())
+        return self._affine_map(self._whiten(cov, self._last_rho), None, weight, bias)
 
-            packed = torch.cat([total.flatten(), scatter.flatten(), count.reshape(1)])
-            packed = all_reduce(packed, group=self.process_group)
-            g, c = xg.shape[:2]
-            total = packed[: g * c].view(g, c)
-            scatter = packed[g * c : -1].view(g, c, c)
-            count = packed[-1]
+    def _synced_stats(self, xv: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Mean, biased covariance, sample count and centred samples over every process.
+
+        One all_reduce of [Σ(x − s), Σ(x − s)(x − s)ᵀ, M] with a shift s shared by all ranks
+        (the running mean), so the sums merge exactly and without cancellation.
+        """
+        from torch.distributed.nn.functional import all_reduce
+
+        g, c = xv.shape[1:3]
+        if self.track_running_stats:
+            shift = self._grouped(self.running_mean, 0.0).to(xv.dtype)
         else:
-            shift = xg.mean(-1).detach()
-            total, scatter, count = W.group_moments(xg, shift)
-        mean_s = total / count
-        cov = scatter / count - mean_s.unsqueeze(-1) * mean_s.unsqueeze(-2)
-        return shift + mean_s, cov, count, xg - shift.unsqueeze(-1), mean_s
+            shift = xv.new_zeros(g, c)
+        total, scatter = W.group_moments(xv, shift)
+        count = xv.new_full((1,), float(W.sample_count(xv)))
+        packed = all_reduce(torch.cat([total.flatten(), scatter.flatten(), count]),
+                            group=self.process_group)
+        count = packed[-1]
+        mean_s = packed[: g * c].view(g, c) / count
+        cov = packed[g * c : -1].view(g, c, c) / count - mean_s.unsqueeze(-1) * mean_s.unsqueeze(-2)
+        mean = shift + mean_s
+        return mean, cov, count, xv - mean.unsqueeze(-1)
 
     def _normalize(self, x: Tensor) -> Tensor:
         if self.uses_batch_stats and EF.values_per_channel(x) <= 1:
@@ -160,41 +176,44 @@ class _Whitening(RunningStatsNorm):
             )
         dtype = EF.stats_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            xg = W.to_groups(x.to(dtype), self._group_size)
-            if self.uses_batch_stats:
-                mean, cov, count, xs, mean_s = self._batch_stats(xg)
-                factor = self.update_factor()
-                if self.training and self.track_running_stats:
-                    unbiased = cov * (count / (count - 1).clamp_min(1))
-                    EF.update_running(self.running_mean, mean.flatten()[: self.num_features], factor)
-                    EF.update_running(self.running_cov, unbiased, factor)
-                w = self._whiten(cov, xs)
-                y = self._transform(xs, w, mean_s)
+            xv = W.group_view(x.to(dtype), self._group_size)
+            if not self.uses_batch_stats:
+                a, b = self._affine_map(*self._eval_map(dtype), self.weight, self.bias)
+                y = W.block_matmul(a, xv).add_(b.unsqueeze(-1))
+                return W.ungroup(y, x.shape).to(x.dtype)
+            if _distributed(self.process_group):
+                mean, cov, count, xc = self._synced_stats(xv)
+                a, b = self._batch_affine(cov, xc, self.weight, self.bias)
+                y = W.block_matmul(a, xc).add(b.unsqueeze(-1))
             else:
-                y = self._transform(xg, *self._eval_map(dtype))
-        return W.from_groups(y, x).to(x.dtype)
+                y, mean, cov = W.whiten_batch(xv, self._batch_affine, self.weight, self.bias)
+                count = float(W.sample_count(xv))
+            factor = self.update_factor()
+            if self.training and self.track_running_stats:
+                unbiased = cov * (count / (count - 1))  # count >= 2, checked above
+                EF.update_running(self.running_mean, mean.flatten()[: self.num_features], factor)
+                EF.update_running(self.running_cov, unbiased, factor)
+                rho = torch.as_tensor(self._last_rho, dtype=dtype, device=x.device)
+                EF.update_running(self.running_shrinkage, rho.expand(self.num_groups), factor)
+        return W.ungroup(y, x.shape).to(x.dtype)
 
     def _eval_map(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(W, mean) from the running statistics, recomputed only when they change."""
-        key = (self.running_mean._version, self.running_cov._version, self.eps, self.density,
+        key = (self.running_mean._version, self.running_cov._version,
+               self.running_shrinkage._version, self.eps, self.density,
                self.running_cov.device, dtype)
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
                 cov = self.running_cov.to(dtype)
-                w = self._whiten(cov, None)
+                w = self._whiten(cov, self.running_shrinkage.to(dtype))
                 self._eval_cache = (key, w, self._grouped(self.running_mean, 0.0).to(dtype))
         return self._eval_cache[1], self._eval_cache[2]
 
     def eval_affine(self) -> tuple[Tensor, Tensor]:
         """The eval transform as one affine map y = A x + b on (C,) vectors: (A (C, C), b (C,))."""
-        w, mean = self._eval_map(EF.stats_dtype(self.running_cov))
-        a = torch.block_diag(*w)[: self.num_features, : self.num_features]
-        if self.weight is not None:
-            a = a * self.weight.detach().to(a.dtype).unsqueeze(-1)
-        b = -(a @ mean.flatten()[: self.num_features])
-        if self.bias is not None:
-            b = b + self.bias.detach().to(a.dtype)
-        return a, b
+        with torch.no_grad():
+            a, b = self._affine_map(*self._eval_map(EF.stats_dtype(self.running_cov)), self.weight, self.bias)
+        return torch.block_diag(*a)[: self.num_features, : self.num_features], b.flatten()[: self.num_features]
 
     def _extra_fields(self) -> dict[str, Any]:
         return {**super()._extra_fields(), "method": self.method, "shrinkage": self.shrinkage}
