@@ -119,6 +119,19 @@ def norms() -> None:
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+def summarize(run_dirs) -> None:
+    """Markdown table of finished runs: seeds grouped, mean ± std of the final metrics."""
+    from .results import load_summaries, markdown_table
+
+    summaries = load_summaries(run_dirs)
+    if not summaries:
+        raise click.ClickException(f"no finished run (summary.json) among {len(run_dirs)} folder(s)")
+    click.echo(f"{len(summaries)} finished runs; mean ± sample std over seeds\n")
+    click.echo(markdown_table(summaries), nl=False)
+
+
+@main.command()
 @click.option("--norms", "names", default=None, help="Comma-separated norms [default: all registered].")
 @click.option("--repeats", default=30, show_default=True, help="Timed forward+backward passes per layer shape.")
 @click.option("--train-steps", default=100, show_default=True, help="Timed LeNet training steps per norm (0 skips).")
@@ -137,3 +150,20 @@ def bench(names, repeats, train_steps, device, json_out) -> None:
     results = run_bench(chosen, repeats, train_steps, device, echo=click.echo)
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+@main.command("bench-whitening")
+@click.option("--iternorm", type=click.Path(exists=True, dir_okay=False),
+              help="The published IterNorm layer (iterative_normalization.py) to compare with.")
+@click.option("--channels", default="64,128,256,512", show_default=True)
+@click.option("--group", default=64, show_default=True, help="Channels per whitened group.")
+@click.option("--repeats", default=10, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
+def bench_whitening(iternorm, channels, group, repeats, json_out) -> None:
+    """Block ZCA (eigh, and 5 Newton-Schulz steps) against IterNorm: time and whitening error."""
+    from .bench_whitening import run_whitening_bench
+
+    rows = run_whitening_bench(tuple(int(c) for c in channels.split(",")), group=group,
+                               iternorm=iternorm, repeats=repeats, echo=click.echo)
+    if json_out:
+        Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
