@@ -28,6 +28,7 @@ from .registry import register_norm
 __all__ = ["ZCANorm", "BlockZCANorm", "SparseZCANorm"]
 
 SHRINKAGE = ("auto", "lw")
+EVAL_FROM = ("covariance", "whitening")
 
 
 def _distributed(group) -> bool:
@@ -41,6 +42,7 @@ class _Whitening(RunningStatsNorm):
         "running_mean": (0.0, True),
         "running_cov": (0.0, False),
         "running_shrinkage": (0.0, False),
+        "running_whitening": (0.0, False),
     }
     _convertible_state = ("weight", "bias")
 
@@ -57,6 +59,7 @@ class _Whitening(RunningStatsNorm):
         method: str,
         iterations: int,
         shrinkage: str | float,
+        eval_from: str,
         process_group: Any,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
@@ -79,6 +82,9 @@ class _Whitening(RunningStatsNorm):
             raise ValueError(f"sparsify must be 'whitening' or 'covariance', got {sparsify!r}")
         self.method, self.iterations, self.shrinkage = method, iterations, shrinkage
         self.density, self.sparsify = float(density), sparsify
+        if eval_from not in EVAL_FROM:
+            raise ValueError(f"eval_from must be one of {', '.join(EVAL_FROM)}, got {eval_from!r}")
+        self.eval_from = eval_from
         self.process_group = process_group
         self._eval_cache: tuple | None = None
 
@@ -95,12 +101,15 @@ class _Whitening(RunningStatsNorm):
             return (self.num_groups, self._group_size, self._group_size)
         if name == "running_shrinkage":
             return (self.num_groups,)
+        if name == "running_whitening":
+            return (self.num_groups, self._group_size, self._group_size)
         return super()._running_shape(name)
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
         if self.track_running_stats:
-            self.running_cov.copy_(torch.eye(self._group_size).expand_as(self.running_cov))
+            for name in ("running_cov", "running_whitening"):
+                getattr(self, name).copy_(torch.eye(self._group_size).expand_as(self.running_cov))
 
     # --- the transform ------------------------------------------------------------------
 
@@ -143,7 +152,9 @@ class _Whitening(RunningStatsNorm):
                       bias: Tensor | None) -> tuple[Tensor, Tensor]:
         """The training map for centred samples: A = γ ∘ W(Σ), b = β. Records ρ."""
         self._last_rho = self._shrinkage_intensity(cov.detach(), xc.detach())
-        return self._affine_map(self._whiten(cov, self._last_rho), None, weight, bias)
+        w = self._whiten(cov, self._last_rho)
+        self._last_w = w.detach()
+        return self._affine_map(w, None, weight, bias)
 
     def _synced_stats(self, xv: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Mean, biased covariance, sample count and centred samples over every process.
@@ -195,17 +206,20 @@ class _Whitening(RunningStatsNorm):
                 EF.update_running(self.running_cov, unbiased, factor)
                 rho = torch.as_tensor(self._last_rho, dtype=dtype, device=x.device)
                 EF.update_running(self.running_shrinkage, rho.expand(self.num_groups), factor)
+                EF.update_running(self.running_whitening, self._last_w, factor)
         return W.ungroup(y, x.shape).to(x.dtype)
 
     def _eval_map(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(W, mean) from the running statistics, recomputed only when they change."""
         key = (self.running_mean._version, self.running_cov._version,
-               self.running_shrinkage._version, self.eps, self.density,
-               self.running_cov.device, dtype)
+               self.running_shrinkage._version, self.running_whitening._version, self.eps,
+               self.density, self.eval_from, self.running_cov.device, dtype)
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
-                cov = self.running_cov.to(dtype)
-                w = self._whiten(cov, self.running_shrinkage.to(dtype))
+                if self.eval_from == "whitening":
+                    w = self.running_whitening.to(dtype)
+                else:
+                    w = self._whiten(self.running_cov.to(dtype), self.running_shrinkage.to(dtype))
                 self._eval_cache = (key, w, self._grouped(self.running_mean, 0.0).to(dtype))
         return self._eval_cache[1], self._eval_cache[2]
 
@@ -216,43 +230,52 @@ class _Whitening(RunningStatsNorm):
         return torch.block_diag(*a)[: self.num_features, : self.num_features], b.flatten()[: self.num_features]
 
     def _extra_fields(self) -> dict[str, Any]:
-        return {**super()._extra_fields(), "method": self.method, "shrinkage": self.shrinkage}
+        return {**super()._extra_fields(), "method": self.method, "shrinkage": self.shrinkage,
+                "eval_from": self.eval_from}
+
+
+_COMMON_DOC = """
+    Common options: eps (ridge added to Σ); momentum, track_running_stats as in BatchNorm;
+    method "eigh" (exact, with a backward that stays finite at repeated eigenvalues), "newton"
+    (``iterations`` Newton–Schulz steps, IterNorm's scheme: a few iterations do NOT fully whiten
+    ill-conditioned inputs) or "auto"; shrinkage toward a scaled identity: Ledoit–Wolf's when
+    "lw", or when "auto" and a group sees fewer than 4c samples, else a fixed fraction;
+    eval_from "covariance" (whiten with the running covariance) or "whitening" (the running
+    average of the batch whitening matrices, as DBN and IterNorm do; both are kept, so this can
+    be switched after training); process_group for synced statistics.
+"""
 
 
 @register_norm("zca")
 class ZCANorm(_Whitening):
-    """ZCA whitening from the full C×C covariance: y = γ ∘ Σ^(-1/2) (x − μ) + β.
-
-    method: "eigh" (exact, with a backward that stays finite at repeated eigenvalues),
-    "newton" (``iterations`` Newton–Schulz steps, IterNorm's scheme: a few iterations do not
-    fully whiten ill-conditioned inputs) or "auto". eps is a ridge added to Σ; shrinkage toward
-    a scaled identity is Ledoit–Wolf's when "lw", when "auto" and a group sees fewer than 4c
-    samples, or a fixed fraction when a number.
-    """
+    """ZCA whitening from the full C×C covariance: y = γ ∘ Σ^(-1/2) (x − μ) + β."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, method: str = "auto",
-                 iterations: int = 5, shrinkage: str | float = "auto", process_group: Any = None,
+                 iterations: int = 5, shrinkage: str | float = "auto",
+                 eval_from: str = "covariance", process_group: Any = None,
                  device=None, dtype=None) -> None:
         super().__init__(num_features, None, 1.0, "whitening", eps, momentum, affine,
-                         track_running_stats, method, iterations, shrinkage, process_group,
-                         device, dtype)
+                         track_running_stats, method, iterations, shrinkage, eval_from,
+                         process_group, device, dtype)
 
 
 @register_norm("block-zca")
 class BlockZCANorm(_Whitening):
-    """Block-diagonal ZCA: channels in groups of ``group_size`` (the last may be smaller), each
-    whitened on its own in one batched computation. group_size=1 is per-channel
-    standardization (BatchNorm); group_size=C is ``zca``."""
+    """Block-diagonal ZCA: each group of ``group_size`` channels whitened on its own.
+
+    Groups are batched in one computation (the last may be smaller). group_size=1 is
+    per-channel standardization (BatchNorm); group_size=C is ``zca``.
+    """
 
     def __init__(self, num_features: int, group_size: int = 16, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, method: str = "auto", iterations: int = 5,
-                 shrinkage: str | float = "auto", process_group: Any = None,
-                 device=None, dtype=None) -> None:
+                 shrinkage: str | float = "auto", eval_from: str = "covariance",
+                 process_group: Any = None, device=None, dtype=None) -> None:
         super().__init__(num_features, group_size, 1.0, "whitening", eps, momentum, affine,
-                         track_running_stats, method, iterations, shrinkage, process_group,
-                         device, dtype)
+                         track_running_stats, method, iterations, shrinkage, eval_from,
+                         process_group, device, dtype)
 
     def _extra_fields(self) -> dict[str, Any]:
         return {"group_size": self.group_size, **super()._extra_fields()}
@@ -271,11 +294,15 @@ class SparseZCANorm(_Whitening):
     def __init__(self, num_features: int, density: float = 0.5, sparsify: str = "whitening",
                  eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, method: str = "auto", iterations: int = 5,
-                 shrinkage: str | float = "auto", process_group: Any = None,
-                 device=None, dtype=None) -> None:
+                 shrinkage: str | float = "auto", eval_from: str = "covariance",
+                 process_group: Any = None, device=None, dtype=None) -> None:
         super().__init__(num_features, None, density, sparsify, eps, momentum, affine,
-                         track_running_stats, method, iterations, shrinkage, process_group,
-                         device, dtype)
+                         track_running_stats, method, iterations, shrinkage, eval_from,
+                         process_group, device, dtype)
 
     def _extra_fields(self) -> dict[str, Any]:
         return {"density": self.density, "sparsify": self.sparsify, **super()._extra_fields()}
+
+
+for _cls in (ZCANorm, BlockZCANorm, SparseZCANorm):
+    _cls.__doc__ += _COMMON_DOC

@@ -10,7 +10,7 @@ for seed in 0 1 2; do
     set -- $spec
     name=$1; shift
     tag=$name
-    if [ $# -gt 0 ]; then tag="$name-${*##*=}"; fi
+    if [ $# -gt 0 ]; then tag="$name-${2#*=}"; fi  # e.g. block-zca-16
     dir="$out/$tag-s$seed"
     [ -f "$dir/summary.json" ] && continue
     [ -d "$dir" ] && resume=--resume || resume=
