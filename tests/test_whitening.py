@@ -219,3 +219,24 @@ def test_registered_and_convertible():
     model = en.convert_norms(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)), "block-zca", group_size=4)
     assert type(model[1]) is en.BlockZCANorm and model[1].group_size == 4
     assert model(torch.randn(4, 3, 6, 6)).shape == (4, 8, 4, 4)
+
+
+def test_eval_from_running_whitening_matrix():
+    m = en.ZCANorm(5, momentum=None, shrinkage=0.0).double()
+    batches = [torch.from_numpy(correlated(200, 5, seed=s)) for s in range(3)]
+    mats = []
+    for b in batches:
+        m(b)
+        xc = b - b.mean(0)
+        cov = W.regularize((xc.T @ xc / len(b)).unsqueeze(0), 1e-5)
+        mats.append(W.inv_sqrt_eigh(cov)[0])
+    torch.testing.assert_close(m.running_whitening[0], torch.stack(mats).mean(0))
+    x = torch.from_numpy(correlated(20, 5, seed=7))
+    m.eval()
+    from_cov = m(x)
+    m.eval_from = "whitening"  # both statistics are kept: switchable after training
+    expected = (x - m.running_mean) @ m.running_whitening[0].T
+    torch.testing.assert_close(m(x), expected)
+    assert not torch.allclose(from_cov, expected)
+    with pytest.raises(ValueError, match="eval_from"):
+        en.ZCANorm(5, eval_from="svd")
