@@ -14,7 +14,9 @@ from .registry import (
     norm_options,
     register_norm,
 )
+from .pit import PITNorm
 from .running_batchnorm import RunningBatchNorm
+from .sketch import QuantileSketch
 from .zca import BlockZCANorm, SparseZCANorm, ZCANorm
 
 __version__ = "0.1.0"
@@ -34,6 +36,8 @@ __all__ = [
     "InstanceNorm",
     "NoNorm",
     "RunningBatchNorm",
+    "PITNorm",
+    "QuantileSketch",
     "ZCANorm",
     "BlockZCANorm",
     "SparseZCANorm",

@@ -63,3 +63,28 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, name):
     for r in ranks:
         torch.testing.assert_close(r["mean"], m.running_mean, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(r["cov"], m.running_cov, atol=1e-10, rtol=1e-10)
+
+
+def _pit_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        xs, _ = _data()
+        m = en.PITNorm(6, momentum=None).double()
+        ys = [m(xs[rank] + step).detach() for step in range(2)]
+        torch.save({"ys": ys, "sketch": m.sketch.state_dict()}, f"{out_dir}/pit{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pit_sketch_merges_across_gloo_ranks(tmp_path):
+    mp.start_processes(_pit_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="spawn")
+    xs, _ = _data()
+    m = en.PITNorm(6, momentum=None).double()
+    expected = [m(torch.cat(xs) + step).detach() for step in range(2)]
+    ranks = [torch.load(tmp_path / f"pit{r}.pt") for r in range(2)]
+    for step in range(2):
+        torch.testing.assert_close(torch.cat([r["ys"][step] for r in ranks]), expected[step])
+    for r in ranks:
+        for key, value in m.sketch.state_dict().items():
+            torch.testing.assert_close(r["sketch"][key], value, msg=key)

@@ -1,0 +1,218 @@
+"""A running CDF sketch per channel, in torch: fixed memory, vectorised, forgetting, mergeable.
+
+Each channel keeps a grid of K bins in a squashed coordinate u = ½ (1 + z / (1 + |z|)) ∈ (0, 1),
+z = (x − c)/s (centre c, scale s), and the CDF at the K − 1 inner bin edges u_k = k/K. Bucketing
+a value is arithmetic (no search), so an update is a few elementwise passes and one bincount.
+Between edges the CDF is linear in u; du/dz = ½ (1 + |z|)^(-2) gives bins that widen like a
+heavy (1/z²) tail, so lognormal-like tails keep resolution. Beyond the data the CDF is 0 or 1
+(``PITNorm`` grades its eval tails on top of this).
+
+Updates: the batch's CDF at the edges (exact, from bucket counts) is averaged in, either with
+``momentum`` m, F ← (1 − m) F + m·F_batch (forgets, tracks drift), or cumulatively
+(``momentum=None``): F ← (W F + n F_batch)/(W + n), which makes F the exact pooled CDF of
+everything seen at every edge. The grid is set from the first batch's mean and std; with a
+momentum it follows running moments and the CDF is re-interpolated onto the new grid when
+the centre moves by more than ``regrid_shift`` scales or the scale changes by more than that
+fraction. Sketches on the same grid merge exactly (counts add); inside a process group the
+counts and moments of all ranks are summed before the update, so every rank holds the sketch
+of the union.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = ["QuantileSketch"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class QuantileSketch(nn.Module):
+    """Running CDF of ``num_channels`` streams on ``bins`` bins each (2 KB per channel at 500).
+
+    ``update(x)`` takes values as (C, n); ``cdf(x)`` and ``quantile(p)`` evaluate the sketch.
+    """
+
+    def __init__(self, num_channels: int, bins: int = 500, momentum: float | None = None,
+                 regrid_shift: float = 0.25, device=None, dtype=None) -> None:
+        super().__init__()
+        if bins < 2:
+            raise ValueError(f"bins must be at least 2, got {bins}")
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1] or None (cumulative), got {momentum!r}")
+        self.num_channels, self.bins, self.momentum = num_channels, bins, momentum
+        self.regrid_shift = regrid_shift
+        kw = {"device": device, "dtype": dtype or torch.float32}
+        self.register_buffer("center", torch.zeros(num_channels, **kw))
+        self.register_buffer("scale", torch.ones(num_channels, **kw))
+        self.register_buffer("cdf", torch.zeros(num_channels, bins - 1, **kw))
+        self.register_buffer("weight", torch.zeros(num_channels, **kw))
+        self.register_buffer("mean", torch.zeros(num_channels, **kw))
+        self.register_buffer("var", torch.ones(num_channels, **kw))
+        self.register_buffer("ready", torch.zeros(num_channels, dtype=torch.bool, device=device))
+        self.reset()
+
+    def reset(self) -> None:
+        self.center.zero_(), self.scale.fill_(1.0), self.weight.zero_()
+        self.mean.zero_(), self.var.fill_(1.0), self.ready.zero_()
+        self.cdf.copy_(torch.arange(1, self.bins, dtype=self.cdf.dtype) / self.bins)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}, bins={self.bins}, momentum={self.momentum}"
+
+    # --- coordinates ------------------------------------------------------------------------
+
+    def position(self, x: Tensor, dim: int = 0) -> Tensor:
+        """t = K·u(x) ∈ (0, K) for values with channels on ``dim``: bin floor(t), place t − floor(t)."""
+        shape = [1] * x.ndim
+        shape[dim] = -1
+        # clones: autograd must not see later in-place grid moves
+        z = (x - self.center.view(shape).clone()) / self.scale.view(shape).clone()
+        return (z / (1.0 + z.abs()) + 1.0) * (0.5 * self.bins)
+
+    def _to_x(self, u: Tensor, center: Tensor, scale: Tensor) -> Tensor:
+        """Inverse of the squash: x = c + s·v/(1 − |v|), v = 2u − 1, for u (C, m) in (0, 1)."""
+        v = 2.0 * u - 1.0
+        return center[:, None] + scale[:, None] * v / (1.0 - v.abs())
+
+    def _edges_x(self, center: Tensor | None = None, scale: Tensor | None = None) -> Tensor:
+        """The K − 1 inner bin edges in x for a grid (default: the current one)."""
+        u = torch.arange(1, self.bins, device=self.cdf.device, dtype=self.cdf.dtype) / self.bins
+        center = self.center if center is None else center
+        scale = self.scale if scale is None else scale
+        return self._to_x(u.expand(self.num_channels, -1), center, scale)
+
+    @staticmethod
+    def interpolate(cdf_edges: Tensor, t: Tensor) -> Tensor:
+        """F at positions t (C, …) from F at the inner edges (C, K − 1), linear in u within a bin,
+        F = 0 at u = 0 and 1 at u = 1."""
+        c = cdf_edges.shape[0]
+        full = torch.cat([cdf_edges.new_zeros(c, 1), cdf_edges, cdf_edges.new_ones(c, 1)], dim=1)
+        flat_t = t.reshape(c, -1)
+        k = flat_t.detach().floor().clamp_(0, full.shape[1] - 2).long()
+        lo, hi = full.gather(1, k), full.gather(1, k + 1)
+        return (lo + (flat_t - k) * (hi - lo)).reshape(t.shape)
+
+    def cdf_at(self, x: Tensor) -> Tensor:
+        """The sketch's CDF at values x (C, …)."""
+        return self.interpolate(self.cdf, self.position(x))
+
+    def quantile(self, p: Tensor) -> Tensor:
+        """Inverse CDF at probabilities p (C, m) (or (m,) for every channel)."""
+        p = p.expand(self.num_channels, -1) if p.ndim == 1 else p
+        c = self.num_channels
+        full = torch.cat([self.cdf.new_zeros(c, 1), self.cdf, self.cdf.new_ones(c, 1)], dim=1)
+        k = torch.searchsorted(full.contiguous(), p.contiguous(), right=True).clamp_(1, self.bins) - 1
+        lo, hi = full.gather(1, k), full.gather(1, k + 1)
+        t = k + (p - lo) / (hi - lo).clamp_min(torch.finfo(full.dtype).tiny)
+        u = (t / self.bins).clamp(1e-7, 1 - 1e-7)
+        return self._to_x(u, self.center, self.scale)
+
+    # --- updates ----------------------------------------------------------------------------
+
+    def bin_index(self, t: Tensor, dim: int = 0) -> Tensor:
+        """Flat (channel, bin) index c·K + floor(t) of every position, channels on ``dim``."""
+        shape = [1] * t.ndim
+        shape[dim] = -1
+        idx = t.detach().long().clamp_(0, self.bins - 1)  # t > 0, so truncation is floor
+        return idx.add_(torch.arange(self.num_channels, device=t.device).view(shape) * self.bins)
+
+    def counts(self, t: Tensor, dim: int = 0) -> Tensor:
+        """Values per bin (C, K) from positions t, channels on ``dim``."""
+        flat = self.bin_index(t, dim).reshape(-1)
+        c, k = self.num_channels, self.bins
+        return torch.bincount(flat, minlength=c * k).view(c, k).to(self.cdf.dtype)
+
+    @staticmethod
+    def edge_cdf(counts: Tensor) -> Tensor:
+        """Batch CDF at the inner edges (C, K − 1) from bin counts (C, K)."""
+        total = counts.sum(1, keepdim=True).clamp_min(1)
+        return counts.cumsum(1)[:, :-1] / total
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> Tensor:
+        """Add a batch of values (C, n); returns the batch's bin counts (summed over ranks)."""
+        x = x.detach().to(self.cdf.dtype).reshape(self.num_channels, -1)
+        self.follow(x)
+        counts = self.counts(self.position(x))
+        if _distributed():
+            dist.all_reduce(counts)
+        self.observe(counts)
+        return counts
+
+    @torch.no_grad()
+    def follow(self, x: Tensor, dim: int = 0) -> None:
+        """Let the grid follow the moments of a batch (channels on ``dim``, summed over ranks)."""
+        dims = [d for d in range(x.ndim) if d != dim]
+        n = float(x.numel() // x.shape[dim])
+        xs = x.detach().to(self.cdf.dtype)
+        moments = torch.stack([xs.new_full((self.num_channels,), n), xs.sum(dims), (xs * xs).sum(dims)])
+        if _distributed():
+            dist.all_reduce(moments)
+        self._follow(moments)
+
+    @torch.no_grad()
+    def _follow(self, moments: Tensor) -> None:
+        """Set the grid from the first batch; with a momentum, track the running moments and
+        re-grid when they drift."""
+        n, s1, s2 = moments
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        first = ~self.ready
+        if self.momentum is None:
+            self.mean.copy_(torch.where(first, mean, self.mean))
+            self.var.copy_(torch.where(first, var, self.var))
+        else:
+            self.mean.copy_(torch.where(first, mean, torch.lerp(self.mean, mean, self.momentum)))
+            self.var.copy_(torch.where(first, var, torch.lerp(self.var, var, self.momentum)))
+        std = self.var.sqrt().clamp_min(torch.finfo(self.var.dtype).eps * self.mean.abs().clamp_min(1))
+        moved = ((self.mean - self.center).abs() > self.regrid_shift * self.scale) | (
+            (std / self.scale - 1).abs() > self.regrid_shift)
+        regrid = first | (moved & (self.momentum is not None))
+        self._regrid(regrid, self.mean, std)
+        self.ready.fill_(True)
+
+    def _regrid(self, where: Tensor, center: Tensor, scale: Tensor) -> None:
+        """Move the grid of the channels in ``where`` to (center, scale), re-interpolating the
+        CDF onto the new edges (computed for all channels, applied where asked: no sync)."""
+        cdf = self.cdf_at(self._edges_x(center, scale))
+        self.cdf.copy_(torch.where(where[:, None], cdf, self.cdf))
+        self.center.copy_(torch.where(where, center, self.center))
+        self.scale.copy_(torch.where(where, scale, self.scale))
+
+    @torch.no_grad()
+    def observe(self, counts: Tensor) -> None:
+        """Average the batch CDF given by bin ``counts`` (C, K) into the sketch."""
+        n = counts.sum(1)
+        batch = self.edge_cdf(counts)
+        if self.momentum is None:
+            factor = n / (self.weight + n).clamp_min(1)
+        else:
+            factor = torch.where(self.weight == 0, 1.0, self.momentum)
+        self.cdf.lerp_(batch, factor.to(self.cdf.dtype).unsqueeze(1))
+        self.weight.add_(n)
+
+    @torch.no_grad()
+    def merge(self, other: "QuantileSketch") -> "QuantileSketch":
+        """Combine ``other`` into this sketch, weighting each by the mass it has seen.
+
+        Exact when both are on the same grid (e.g. ``other`` started as ``self.empty_like()``);
+        otherwise ``other`` is evaluated at this grid's edges (interpolation error only).
+        """
+        theirs = other.cdf_at(self._edges_x())
+        total = (self.weight + other.weight).clamp_min(1)
+        self.cdf.mul_((self.weight / total).unsqueeze(1)).add_(theirs * (other.weight / total).unsqueeze(1))
+        self.weight.add_(other.weight)
+        return self
+
+    def empty_like(self) -> "QuantileSketch":
+        """A sketch with this grid and no data, for exact merges."""
+        new = QuantileSketch(self.num_channels, self.bins, self.momentum, self.regrid_shift,
+                             self.cdf.device, self.cdf.dtype)
+        for name in ("center", "scale", "mean", "var", "ready"):
+            getattr(new, name).copy_(getattr(self, name))
+        return new

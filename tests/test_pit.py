@@ -1,0 +1,92 @@
+"""PITNorm: uniform/normal outputs, gradients, ties, eval from the sketch, bad input."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import exoticnorm as en
+
+
+def _data(kind, shape=(256, 1, 24, 24), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(shape, generator=gen)
+    if kind == "lognormal":
+        return z.exp()
+    if kind == "bimodal":
+        return torch.where(torch.rand(shape, generator=gen) < 0.3, 0.5 * z - 3, z + 2)
+    return 3 * z + 1
+
+
+@pytest.mark.parametrize("kind", ["normal", "lognormal", "bimodal"])
+@pytest.mark.parametrize("output,dist", [("uniform", "uniform"), ("normal", "norm")])
+def test_train_output_matches_target_distribution(kind, output, dist):
+    x = _data(kind)  # 147,456 values per channel
+    y = en.PITNorm(1, output=output)(x).detach().flatten().double().numpy()
+    assert scipy.stats.kstest(y, dist).statistic <= 0.01
+
+
+@pytest.mark.parametrize("output", ["uniform", "normal"])
+def test_gradcheck_float64(output):
+    m = en.PITNorm(2, bins=8, output=output).double()
+    m(torch.randn(40, 2, 3, dtype=torch.float64))  # sets the grid, as any earlier batch does
+    x = torch.randn(40, 2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(m, (x,))
+    grad = torch.autograd.grad(m(x).sum(), x)[0]
+    assert (grad != 0).all()  # non-zero inside the data range
+
+
+def test_ties_get_mid_ranks():
+    m = en.PITNorm(1, output="uniform", bins=50)
+    x = torch.relu(torch.linspace(-1, 1, 1000)).view(1000, 1)  # about half zeros
+    y = m(x).detach().flatten()
+    zeros = x.flatten() == 0
+    share = zeros.float().mean().item()
+    torch.testing.assert_close(y[zeros], torch.full_like(y[zeros], share / 2))
+    assert (y[~zeros] > share - 2e-3).all()
+
+
+def test_eval_follows_the_sketch_with_graded_tails():
+    m = en.PITNorm(1, output="normal", momentum=None)
+    for seed in range(5):
+        m(_data("normal", (64, 1, 16, 16), seed))
+    m.eval()
+    x = _data("normal", (64, 1, 16, 16), 9)
+    expected = torch.from_numpy(scipy.stats.norm.ppf(scipy.stats.norm.cdf(x.double().numpy(), 1, 3)))
+    y = m(x)
+    bulk = expected.abs() < 2.5  # the tails rest on few samples
+    assert (y.double() - expected)[bulk].abs().max() < 0.05
+    far = m(torch.tensor([-1e4, -1e2, -30.0, 30.0, 1e2, 1e4]).view(6, 1))
+    assert torch.all(far[1:] > far[:-1])  # ordered, not clamped to one value
+    assert far[0] < y.min() and far[-1] > y.max()
+
+
+def test_state_dict_round_trip_and_cumulative_weight():
+    m = en.PITNorm(3, momentum=None)
+    for seed in range(3):
+        m(_data("normal", (16, 3, 4, 4), seed))
+    assert torch.equal(m.sketch.weight, torch.full((3,), 3 * 16 * 16.0))
+    other = en.PITNorm(3, momentum=None)
+    other.load_state_dict(m.state_dict())
+    m.eval(), other.eval()
+    x = _data("normal", (4, 3, 4, 4), 7)
+    torch.testing.assert_close(other(x), m(x))
+
+
+def test_bad_input_and_options():
+    with pytest.raises(ValueError, match="output"):
+        en.PITNorm(2, output="gaussian")
+    with pytest.raises(ValueError, match="tail"):
+        en.PITNorm(2, tail=0.7)
+    with pytest.raises(en.InputError, match="1 value per channel"):
+        en.PITNorm(2)(torch.randn(1, 2))
+
+
+def test_registered_and_in_lenet():
+    from exoticnorm.models import LeNet
+
+    model = LeNet(norm="pit", norm_kwargs={"output": "uniform"})
+    out = model(torch.rand(32, 1, 28, 28))
+    out.sum().backward()
+    assert out.shape == (32, 10) and torch.isfinite(model.net.conv1.weight.grad).all()
+    assert type(en.convert_norms(torch.nn.BatchNorm2d(4), "pit")) is en.PITNorm
