@@ -167,3 +167,16 @@ def bench_whitening(iternorm, channels, group, repeats, json_out) -> None:
                                iternorm=iternorm, repeats=repeats, echo=click.echo)
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+@main.command("bench-sketch")
+@click.option("--bins", default=500, show_default=True)
+@click.option("--batches", default=1500, show_default=True, help="Batches of 256 values per stream.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
+def bench_sketch(bins, batches, json_out) -> None:
+    """QuantileSketch accuracy and update speed, beside KLL (pip install datasketches)."""
+    from .bench_sketch import run_sketch_bench
+
+    results = run_sketch_bench(batches=batches, bins=bins, echo=click.echo)
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
