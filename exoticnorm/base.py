@@ -38,6 +38,10 @@ class Norm(nn.Module):
 
     _version = 1
     _convertible_state: tuple[str, ...] = ("weight", "bias")
+    #: True when eval statistics should be recomputed with the final weights before evaluating
+    #: (``exoticnorm.precise.precise_statistics``): norms whose eval transform amplifies
+    #: small errors in lagging running statistics, such as whitening.
+    precise_eval = False
 
     def __init__(
         self,

@@ -74,6 +74,9 @@ def main() -> None:
 @click.option("--download/--no-download", default=True, show_default=True, help="Let torchvision download the data as a last resort.")
 @click.option("--limit-train", type=click.IntRange(min=2), help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(min=1), help="Use only the first N test images.")
+@click.option("--precise-stats", default=100, show_default=True, type=click.IntRange(min=0),
+              help="Before each evaluation, recompute the eval statistics of whitening/PIT norms "
+                   "over this many training batches (0: off).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/NORM-sSEED-TIME].")
 @click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]),
               help="[default: $WANDB_MODE, else online when logged in, else offline]")

@@ -43,6 +43,7 @@ class PITNorm(RunningStatsNorm):
 
     _running_stats: dict = {}
     _convertible_state = ("weight", "bias")
+    precise_eval = True
 
     def __init__(self, num_features: int, output: str = "normal", momentum: float | None = 0.1,
                  bins: int = 500, tail: float = 1e-3, affine: bool = True,
@@ -57,6 +58,16 @@ class PITNorm(RunningStatsNorm):
         self.sketch = QuantileSketch(num_features, bins, momentum, device=device)
         if not track_running_stats:
             self.sketch.requires_grad_(False)
+
+    @property
+    def momentum(self) -> float | None:
+        return self._momentum
+
+    @momentum.setter
+    def momentum(self, value: float | None) -> None:  # the sketch forgets at the same rate
+        self._momentum = value
+        if "sketch" in self._modules:
+            self.sketch.momentum = value
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()

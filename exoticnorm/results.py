@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -32,8 +33,11 @@ def group_by_config(summaries: list[dict]) -> dict[str, list[dict]]:
     plus any other setting that differs between groups)."""
     groups: dict[str, list[dict]] = {}
     keyed: dict[str, dict] = {}
+    from .train import StudyConfig
+
+    defaults = dataclasses.asdict(StudyConfig())  # runs made before a field existed
     for s in summaries:
-        config = {k: v for k, v in s["config"].items() if k != "seed"}
+        config = {k: v for k, v in {**defaults, **s["config"]}.items() if k != "seed"}
         key = json.dumps(config, sort_keys=True)
         keyed[key] = config
         groups.setdefault(key, []).append(s)

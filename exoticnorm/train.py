@@ -24,6 +24,7 @@ from torch import nn
 
 from .data import FashionMNIST, load_fashion_mnist
 from .models import LeNet
+from .precise import precise_statistics
 from .tracking import WandbLogger
 
 __all__ = ["StudyConfig", "RunError", "run_study", "pick_device", "OPTIMIZERS"]
@@ -56,6 +57,7 @@ class StudyConfig:
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
+    precise_stats: int = 100  # batches of precise eval statistics for norms that need them
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -63,6 +65,8 @@ class StudyConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise RunError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.precise_stats < 0:
+            raise RunError(f"precise_stats must be >= 0, got {self.precise_stats}")
         if not self.lr > 0:
             raise RunError(f"lr must be positive, got {self.lr}")
 
@@ -193,7 +197,7 @@ def _load_checkpoint(out: Path, config: StudyConfig) -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise RunError(f"--resume: {path} has checkpoint version {ckpt.get('version')}, "
                        f"this exoticnorm reads version {CHECKPOINT_VERSION}")
-    saved = ckpt["config"]
+    saved = {**dataclasses.asdict(StudyConfig()), **ckpt["config"]}  # fields added since
     wanted = dataclasses.asdict(config)
     diff = {k: (saved.get(k), v) for k, v in wanted.items()
             if saved.get(k) != v and k not in RESUMABLE_CHANGES}
@@ -293,6 +297,9 @@ def run_study(
             echo(f"training diverged in epoch {epoch} (train loss {train_loss}); the last good "
                  f"checkpoint (epoch {epoch - 1}) is kept; try a smaller --lr")
             break
+        batches = min(config.precise_stats, steps)
+        precise_statistics(model, (data.train_x[order[i * config.batch_size : (i + 1) * config.batch_size]]
+                                   for i in range(batches)))
         test_loss, test_acc = _evaluate(model, data.test_x, data.test_y)
         wall = time.perf_counter() - t0
         elapsed += wall

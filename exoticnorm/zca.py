@@ -45,6 +45,7 @@ class _Whitening(RunningStatsNorm):
         "running_whitening": (0.0, False),
     }
     _convertible_state = ("weight", "bias")
+    precise_eval = True
 
     def __init__(
         self,
