@@ -8,7 +8,6 @@ input are computed in float32.
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .functional import stats_dtype
 
 __all__ = [
     "group_view",

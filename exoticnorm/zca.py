@@ -2,13 +2,14 @@
 
 Training: per group of c channels, mean μ and covariance Σ over every dim but C (summed over
 processes inside an initialised process group), W ≈ Σ_reg^(-1/2), y = γ ∘ W (x − μ) + β.
-Eval: one affine map y = A x + b from ``running_mean`` and ``running_cov``; the whitening
-matrix behind it is cached until the statistics change.
+Eval: one affine map y = A x + b from the running statistics; the whitening matrix behind it
+is cached until they change.
 
-Running statistics keep the covariance, not the whitening matrix: an average of covariances
-is the covariance of the pooled batches (a consistent estimator), an average of whitening
-matrices is not the whitening matrix of anything; the matrix is derived once per change.
-The math is in ``exoticnorm.whitening``.
+Both running statistics are kept. ``running_cov`` (default for eval): an average of
+covariances is the covariance of the pooled batches, a consistent estimator, whitened once per
+change. ``running_whitening``: the average of the batch whitening matrices, what DBN and
+IterNorm keep, closer to what the layer did in training when batches are small. Either can
+be chosen after training (``eval_from``). The math is in ``exoticnorm.whitening``.
 """
 
 from __future__ import annotations
@@ -98,12 +99,10 @@ class _Whitening(RunningStatsNorm):
         return math.ceil(self.num_features / self._group_size)
 
     def _running_shape(self, name: str) -> tuple[int, ...]:
-        if name == "running_cov":
+        if name in ("running_cov", "running_whitening"):
             return (self.num_groups, self._group_size, self._group_size)
         if name == "running_shrinkage":
             return (self.num_groups,)
-        if name == "running_whitening":
-            return (self.num_groups, self._group_size, self._group_size)
         return super()._running_shape(name)
 
     def reset_running_stats(self) -> None:
@@ -125,7 +124,8 @@ class _Whitening(RunningStatsNorm):
 
     def _shrinkage_intensity(self, cov: Tensor, xc: Tensor) -> Tensor | float:
         """ρ for this batch: Ledoit–Wolf's when "lw", or "auto" with fewer than 4c samples."""
-        if self.shrinkage == "lw" or (self.shrinkage == "auto" and W.sample_count(xc) < 4 * self._group_size):
+        few = W.sample_count(xc) < 4 * self._group_size
+        if self.shrinkage == "lw" or (self.shrinkage == "auto" and few):
             return W.ledoit_wolf_intensity(xc, cov)
         return 0.0 if isinstance(self.shrinkage, str) else float(self.shrinkage)
 
@@ -151,7 +151,8 @@ class _Whitening(RunningStatsNorm):
 
     def _batch_affine(self, cov: Tensor, xc: Tensor, weight: Tensor | None,
                       bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The training map for centred samples: A = γ ∘ W(Σ), b = β. Records ρ."""
+        """The training map for centred samples: A = γ ∘ W(Σ), b = β. Keeps this batch's ρ and
+        W for the running statistics."""
         self._last_rho = self._shrinkage_intensity(cov.detach(), xc.detach())
         w = self._whiten(cov, self._last_rho)
         self._last_w = w.detach()
@@ -227,8 +228,10 @@ class _Whitening(RunningStatsNorm):
     def eval_affine(self) -> tuple[Tensor, Tensor]:
         """The eval transform as one affine map y = A x + b on (C,) vectors: (A (C, C), b (C,))."""
         with torch.no_grad():
-            a, b = self._affine_map(*self._eval_map(EF.stats_dtype(self.running_cov)), self.weight, self.bias)
-        return torch.block_diag(*a)[: self.num_features, : self.num_features], b.flatten()[: self.num_features]
+            w, mean = self._eval_map(EF.stats_dtype(self.running_cov))
+            a, b = self._affine_map(w, mean, self.weight, self.bias)
+        c = self.num_features
+        return torch.block_diag(*a)[:c, :c], b.flatten()[:c]
 
     def _extra_fields(self) -> dict[str, Any]:
         return {**super()._extra_fields(), "method": self.method, "shrinkage": self.shrinkage,

@@ -1,6 +1,5 @@
 """Whitening statistics across processes: 2 gloo ranks with unequal batches equal one process."""
 
-import os
 
 import pytest
 import torch
@@ -32,7 +31,7 @@ def _worker(rank, world, init_file, out_dir, name):
         xs, gs = _data()
         m = _norm(name)
         outs = []
-        for step in range(2):  # the second step shifts by the (synced) running mean
+        for _ in range(2):  # the second step shifts by the (synced) running mean
             x = xs[rank].clone().requires_grad_()
             y = m(x)
             (y * gs[rank]).sum().backward()

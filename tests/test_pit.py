@@ -1,6 +1,5 @@
 """PITNorm: uniform/normal outputs, gradients, ties, eval from the sketch, bad input."""
 
-import numpy as np
 import pytest
 import scipy.stats
 import torch

@@ -1,6 +1,5 @@
 """ZCA, block-diagonal and sparsified whitening against float64 numpy/scipy references."""
 
-import warnings
 
 import numpy as np
 import pytest
