@@ -7,17 +7,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 study=$1; shift
+specs=("$@")
 out=runs/$study
 for seed in ${SEEDS:-0 1 2}; do
-  for spec in "$@"; do
-    set -- $spec
-    name=$1; shift
-    tag=$name
-    if [ $# -gt 0 ]; then tag="$name-${2#*=}"; fi  # e.g. block-zca-16
+  for spec in "${specs[@]}"; do
+    read -r -a words <<< "$spec"  # NORM [--norm-opt k=v]
+    tag=${words[0]}
+    if [ ${#words[@]} -gt 2 ]; then tag="$tag-${words[2]#*=}"; fi  # e.g. block-zca-16
     dir="$out/$tag-s$seed"
     [ -f "$dir/summary.json" ] && continue
     [ -f "$dir/checkpoint.pt" ] && resume=--resume || resume=
-    .venv/bin/exoticnorm study --norm "$name" "$@" --seed "$seed" --out "$dir" \
+    .venv/bin/exoticnorm study --norm "${words[@]}" --seed "$seed" --out "$dir" \
       --wandb "${WANDB_MODE:-offline}" --group "$study" $resume
   done
 done
