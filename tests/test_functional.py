@@ -54,11 +54,11 @@ def test_batch_norm_one_value_per_channel_raises():
         EF.batch_norm(torch.randn(1, 3), torch.zeros(3), torch.ones(3), training=True)
 
 
-@pytest.mark.parametrize("groups", [1, 2, 6])
-@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 5), (3, 6, 4, 4), (2, 6, 2, 3, 3)])
+@pytest.mark.parametrize("groups,shape", [
+    (g, s) for g in (1, 2, 6) for s in [(4, 6), (4, 6, 5), (3, 6, 4, 4), (2, 6, 2, 3, 3)]
+    if not (g == 6 and len(s) == 2)  # one value per group: nothing to normalize
+])
 def test_group_norm_matches_torch(groups, shape):
-    if groups == 6 and len(shape) == 2:
-        pytest.skip("one value per group")
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     w = torch.rand(6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
