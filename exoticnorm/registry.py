@@ -131,8 +131,14 @@ def _shared_state(source: nn.Module) -> tuple[str, ...]:
     return tuple(getattr(source, "_convertible_state", ()))
 
 
+_CARRIED_OPTIONS = ("eps", "momentum", "affine", "track_running_stats")
+
+
 def _convert_one(source: nn.Module, to: str, kwargs: dict[str, Any]) -> nn.Module:
-    target = create_norm(to, source.num_features, **kwargs)
+    valid = norm_options(to)
+    carried = {k: getattr(source, k) for k in _CARRIED_OPTIONS
+               if k in valid and k not in kwargs and hasattr(source, k)}
+    target = create_norm(to, source.num_features, **{**carried, **kwargs})
     floats = [t for t in (*source.parameters(False), *source.buffers(False)) if t.is_floating_point()]
     if floats and not {"device", "dtype"} & kwargs.keys():
         target.to(device=floats[0].device, dtype=floats[0].dtype)
@@ -153,8 +159,10 @@ def convert_norms(model: nn.Module, to: str, **kwargs: Any) -> nn.Module:
     ``model`` by norm ``to`` built with ``kwargs``, and return the new root.
 
     Exact types are matched (a subclass of BatchNorm2d is left alone, not silently dropped).
-    Device, dtype and train/eval mode are kept; γ, β (and running statistics between batch
-    norms) are copied where both norms hold them with the same meaning and shape.
+    Device, dtype and train/eval mode are kept, and so are the source's eps, momentum, affine
+    and track_running_stats where the new norm has them (``kwargs`` override); γ, β (and
+    running statistics between batch norms) are copied where both norms hold them with the
+    same meaning and shape.
     """
     _entry(to)
     _check_options(to, kwargs)

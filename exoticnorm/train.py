@@ -79,7 +79,10 @@ def pick_device(device: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RunError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise RunError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from exc
 
 
 def _optimizer(config: StudyConfig, params) -> torch.optim.Optimizer:
@@ -127,6 +130,14 @@ def _evaluate(model: nn.Module, x, y, batch_size: int = 1024) -> tuple[float, fl
             loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
             correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
     return loss.item() / len(x), correct.item() / len(x)
+
+
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a metrics.jsonl line; None for a line half-written by a killed run."""
+    try:
+        return json.loads(line)["epoch"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -256,7 +267,7 @@ def run_study(
             torch.cuda.set_rng_state(ckpt["rng_cuda"], dev)
         start_epoch, elapsed, run_id = ckpt["epoch"], ckpt["elapsed"], ckpt.get("wandb_run_id") or None
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [l for l in lines if l.strip() and json.loads(l)["epoch"] <= start_epoch]
+        kept = [l for l in lines if _epoch_of(l) is not None and _epoch_of(l) <= start_epoch]
         _atomic_write(metrics_path, lambda p: p.write_text("".join(l + "\n" for l in kept)))
         echo(f"resuming {out} after epoch {start_epoch}")
 
@@ -294,8 +305,9 @@ def run_study(
         train_time = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             status = "diverged"
-            echo(f"training diverged in epoch {epoch} (train loss {train_loss}); the last good "
-                 f"checkpoint (epoch {epoch - 1}) is kept; try a smaller --lr")
+            echo(f"training diverged in epoch {epoch} (train loss {train_loss}); the checkpoint "
+                 f"of epoch {epoch - 1} is kept for inspection; start again with a smaller --lr "
+                 "and another --out")
             break
         batches = min(config.precise_stats, steps)
         precise_statistics(model, (data.train_x[order[i * config.batch_size : (i + 1) * config.batch_size]]

@@ -216,15 +216,13 @@ def inv_sqrt_newton(cov: Tensor, iterations: int = 5) -> Tensor:
 
 
 def inverse_sqrt(cov: Tensor, method: str = "auto", iterations: int = 5) -> Tensor:
-    """Σ^(-1/2) by ``method``: eigh, newton, or auto (eigh, except newton for many small
-    groups on CUDA, where batched small eigh is slow). A failing eigh is retried with jitter,
-    then replaced by Newton–Schulz, with a warning: training never stops on it."""
-    if method == "auto":
-        small_batched = cov.is_cuda and cov.shape[0] > 1 and cov.shape[-1] <= 32
-        method = "newton" if small_batched else "eigh"
+    """Σ^(-1/2) by ``method``: eigh (and "auto", which is eigh: exact everywhere; on CUDA many
+    small groups may be faster with an explicit "newton"), or newton. A failing eigh is
+    retried with jitter, then replaced by Newton–Schulz, with a warning: training never stops
+    on it."""
     if method == "newton":
         return inv_sqrt_newton(cov, iterations)
-    if method != "eigh":
+    if method not in ("eigh", "auto"):
         raise ValueError(f"unknown whitening method {method!r}; use one of {', '.join(METHODS)}")
     try:
         return inv_sqrt_eigh(cov)

@@ -122,11 +122,20 @@ class _Whitening(RunningStatsNorm):
             v = torch.cat([v, v.new_full((pad,), fill)])
         return v.view(self.num_groups, self._group_size)
 
-    def _shrinkage_intensity(self, cov: Tensor, xc: Tensor) -> Tensor | float:
-        """ρ for this batch: Ledoit–Wolf's when "lw", or "auto" with fewer than 4c samples."""
-        few = W.sample_count(xc) < 4 * self._group_size
-        if self.shrinkage == "lw" or (self.shrinkage == "auto" and few):
-            return W.ledoit_wolf_intensity(xc, cov)
+    def _shrinkage_intensity(self, cov: Tensor, xc: Tensor, count: float | None = None,
+                             synced: bool = False) -> Tensor | float:
+        """ρ for this batch: Ledoit–Wolf's when "lw", or "auto" with fewer than 4c samples
+        (``count``, all ranks together). ρ is treated as a constant in backward. In a process
+        group each rank estimates ρ from its own samples and the ranks' mean is used (an
+        approximation of the pooled estimate)."""
+        count = W.sample_count(xc) if count is None else count
+        if self.shrinkage == "lw" or (self.shrinkage == "auto" and count < 4 * self._group_size):
+            rho = W.ledoit_wolf_intensity(xc, cov)
+            if synced:
+                rho = rho.clone()
+                dist.all_reduce(rho, group=self.process_group)
+                rho /= dist.get_world_size(self.process_group)
+            return rho
         return 0.0 if isinstance(self.shrinkage, str) else float(self.shrinkage)
 
     def _whiten(self, cov: Tensor, rho: Tensor | float) -> Tensor:
@@ -196,7 +205,11 @@ class _Whitening(RunningStatsNorm):
                 return W.ungroup(y, x.shape).to(x.dtype)
             if _distributed(self.process_group):
                 mean, cov, count, xc = self._synced_stats(xv)
-                a, b = self._batch_affine(cov, xc, self.weight, self.bias)
+                self._last_rho = self._shrinkage_intensity(cov.detach(), xc.detach(),
+                                                           float(count), synced=True)
+                w = self._whiten(cov, self._last_rho)
+                self._last_w = w.detach()
+                a, b = self._affine_map(w, None, self.weight, self.bias)
                 y = W.block_matmul(a, xc).add(b.unsqueeze(-1))
             else:
                 y, mean, cov = W.whiten_batch(xv, self._batch_affine, self.weight, self.bias)
@@ -292,7 +305,8 @@ class SparseZCANorm(_Whitening):
     sparsify="whitening" (default) sparsifies W = Σ^(-1/2), then rescales each row so every
     output has unit variance; sparsify="covariance" thresholds the correlations of Σ
     (Bickel–Levina), lifts it back to positive definite, and whitens that. density=1 is
-    ``zca``; density=0 is per-channel standardization.
+    ``zca``; density=0 is per-channel standardization (with no shrinkage, i.e. at least 4C
+    samples under the default ``shrinkage="auto"``).
     """
 
     def __init__(self, num_features: int, density: float = 0.5, sparsify: str = "whitening",

@@ -38,6 +38,7 @@ def _worker(rank, world, init_file, out_dir, name):
             outs.append((y.detach(), x.grad))
         torch.save({"outs": outs, "mean": m.running_mean, "cov": m.running_cov}, f"{out_dir}/{rank}.pt")
     finally:
+        dist.barrier()  # neither rank tears down while the other still talks
         dist.destroy_process_group()
 
 
@@ -72,6 +73,7 @@ def _pit_worker(rank, world, init_file, out_dir):
         ys = [m(xs[rank] + step).detach() for step in range(2)]
         torch.save({"ys": ys, "sketch": m.sketch.state_dict()}, f"{out_dir}/pit{rank}.pt")
     finally:
+        dist.barrier()  # neither rank tears down while the other still talks
         dist.destroy_process_group()
 
 

@@ -98,3 +98,11 @@ def test_convert_errors_before_changing_anything():
     with pytest.raises(en.NormConfigError, match="no option 'bogus'"):
         en.convert_norms(model, "bn", bogus=1)
     assert type(model[0]) is nn.BatchNorm1d
+
+
+def test_convert_carries_the_source_options():
+    src = nn.BatchNorm2d(4, eps=1e-3, momentum=0.3, affine=False, track_running_stats=False)
+    out = en.convert_norms(src, "bn")
+    assert (out.eps, out.momentum, out.affine, out.track_running_stats) == (1e-3, 0.3, False, False)
+    assert en.convert_norms(nn.BatchNorm2d(4, eps=1e-3), "bn", eps=1e-2).eps == 1e-2  # kwargs win
+    assert en.convert_norms(nn.BatchNorm2d(4, eps=1e-3), "gn").eps == 1e-3
