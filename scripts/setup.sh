@@ -20,10 +20,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 
-have_data() {
+have_data() {  # the layouts exoticnorm/data.py accepts
   for d in "${EXOTICNORM_DATA:-}" "${XDG_CACHE_HOME:-$HOME/.cache}/exoticnorm" /usr/share/datasets/fashion-mnist; do
-    [ -n "$d" ] && { [ -e "$d/train-images-idx3-ubyte.gz" ] || [ -e "$d/train-images-idx3-ubyte" ] ||
-      [ -e "$d/FashionMNIST/raw/train-images-idx3-ubyte" ]; } && return 0
+    [ -n "$d" ] || continue
+    for sub in "" /FashionMNIST/raw /raw; do
+      for ext in "" .gz; do
+        [ -e "$d$sub/train-images-idx3-ubyte$ext" ] && return 0
+      done
+    done
   done
   return 1
 }
