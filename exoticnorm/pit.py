@@ -81,8 +81,7 @@ class PITNorm(RunningStatsNorm):
         t = sketch.position(x, dim=1)
         flat = sketch.bin_index(t, dim=1)
         k = self.bins
-        counts = torch.bincount(flat.reshape(-1), minlength=self.num_features * k)
-        counts = counts.view(self.num_features, k).to(t.dtype)
+        counts = sketch.count_index(flat).to(t.dtype)
         local_counts = counts
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             counts = counts.clone()

@@ -123,9 +123,12 @@ class QuantileSketch(nn.Module):
 
     def counts(self, t: Tensor, dim: int = 0) -> Tensor:
         """Values per bin (C, K) from positions t, channels on ``dim``."""
-        flat = self.bin_index(t, dim).reshape(-1)
+        return self.count_index(self.bin_index(t, dim))
+
+    def count_index(self, flat: Tensor) -> Tensor:
+        """Values per bin (C, K) from flat (channel, bin) indices of ``bin_index``."""
         c, k = self.num_channels, self.bins
-        return torch.bincount(flat, minlength=c * k).view(c, k).to(self.cdf.dtype)
+        return torch.bincount(flat.reshape(-1), minlength=c * k).view(c, k).to(self.cdf.dtype)
 
     @staticmethod
     def edge_cdf(counts: Tensor) -> Tensor:
