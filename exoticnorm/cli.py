@@ -183,3 +183,117 @@ def bench_sketch(bins, batches, json_out) -> None:
     results = run_sketch_bench(batches=batches, bins=bins, echo=click.echo)
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _study_runs_dir(study, out: str | None) -> Path:
+    return Path(out) if out else Path("runs/studies") / study.run_dir_name
+
+
+@main.command()
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds 0..N-1 [default: the study's].")
+@click.option("--quick", is_flag=True, help="The study's quick form (few epochs, a data subset, fewer seeds).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Cells run in parallel processes (each gets cores/jobs threads).")
+@click.option("--shard", help="i/n: run only every n-th cell starting at the i-th (split a study over machines).")
+@click.option("--out", type=click.Path(file_okay=False), help="Runs folder [default: runs/studies/NAME[-quick]].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False))
+@click.option("--download/--no-download", default=True, show_default=True)
+@click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]),
+              help="[default: $WANDB_MODE, else online when logged in, else offline]")
+@click.option("--export-sweep", type=click.Path(dir_okay=False),
+              help="Write the grid as a wandb sweep config (YAML) and run nothing.")
+@click.pass_context
+def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, download, wandb_mode, export_sweep) -> None:
+    """Run every cell of a study (studies/NAME.toml); finished cells are skipped, killed ones resumed."""
+    from .grid import StudyError, load_study, parse_shard
+    from .runner import run_cells
+
+    try:
+        study = load_study(study_file, quick=quick, seeds=seeds)
+        shard_spec = parse_shard(shard)
+        if export_sweep:
+            import yaml
+
+            Path(export_sweep).write_text(yaml.safe_dump(study.sweep_config(), sort_keys=False))
+            click.echo(f"wrote {export_sweep} ({len(study.cells)} runs); start it with: "
+                       f"wandb sweep {export_sweep}  and then: wandb agent ENTITY/PROJECT/SWEEP_ID")
+            return
+        runs = _study_runs_dir(study, out)
+        counts = run_cells(study, runs, jobs=jobs, shard=shard_spec, device=device, data_dir=data_dir,
+                           wandb_mode=wandb_mode, download=download, echo=click.echo)
+    except (StudyError, RunError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(" ".join(f"{k}: {v}" for k, v in counts.items()))
+    report_cmd = f"exoticnorm report {study_file}" + (" --quick" if quick else "") + (f" --runs {out}" if out else "")
+    click.echo(f"report: {report_cmd}")
+    if counts["failed"] or counts["mismatch"]:
+        click.echo("some cells failed or were skipped; see log.txt in their folders", err=True)
+        ctx.exit(1)
+
+
+@main.command("run-cell", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--quick", is_flag=True)
+@click.option("--out", type=click.Path(file_okay=False), help="Runs folder [default: runs/studies/NAME[-quick]].")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]))
+@click.pass_context
+def run_cell(ctx, study_file, quick, out, device, wandb_mode) -> None:
+    """One cell of a study, named by --AXIS=LABEL ... --seed=S (what `wandb agent` calls)."""
+    from .grid import StudyError, load_study
+    from .runner import run_one_cell
+
+    labels, seed = {}, None
+    for arg in ctx.args:
+        key, sep, value = arg.lstrip("-").partition("=")
+        if not arg.startswith("--") or not sep:
+            raise click.UsageError(f"expected --AXIS=LABEL, got {arg!r}")
+        if key == "seed":
+            seed = int(value)
+        else:
+            labels[key] = value
+    try:
+        study = load_study(study_file, quick=quick)
+        if seed is None:
+            raise StudyError("run-cell needs --seed=S")
+        cell = study.find_cell(labels, seed)
+        result = run_one_cell(study, cell, _study_runs_dir(study, out), device=device, wandb_mode=wandb_mode)
+    except (StudyError, RunError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{cell.run_name}: {result['status']}")
+    if result["status"] == "failed":
+        raise click.ClickException(result["error"])
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--quick", is_flag=True, help="Report the study's quick runs.")
+@click.option("--runs", type=click.Path(file_okay=False), help="Runs folder [default: runs/studies/NAME[-quick]].")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Report folder [default: studies/NAME/ for a full study, RUNS/report for --quick].")
+@click.option("--wandb-report", is_flag=True, help="Also create a wandb report (online and logged in).")
+def report(source, quick, runs, out, wandb_report) -> None:
+    """Tables, figures (PNG and PDF) and a markdown answer for a study (its .toml or runs folder)."""
+    from .grid import StudyError, load_study
+    from .report import make_report, wandb_report_for
+
+    try:
+        src = Path(source)
+        if src.is_dir():
+            meta = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else None
+            if meta is None:
+                raise StudyError(f"{src} has no study.json; pass the study's .toml, or a folder made by `exoticnorm run`")
+            study = load_study(meta["file"], quick=meta["quick"], seeds=len(meta["seeds"]))
+            runs_dir = src
+        else:
+            study = load_study(src, quick=quick)
+            runs_dir = _study_runs_dir(study, runs)
+        out_dir = Path(out) if out else (runs_dir / "report" if study.quick else Path("studies") / study.name)
+        written = make_report(study, runs_dir, out_dir, echo=click.echo)
+        if wandb_report:
+            wandb_report_for(study, echo=click.echo)
+    except (StudyError, RunError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"report: {written}")

@@ -234,10 +234,14 @@ def run_study(
     group: str | None = None,
     data: FashionMNIST | None = None,
     stop_after: int | None = None,
+    name: str | None = None,
+    wandb_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train, evaluating after every epoch; return the summary (also in ``out/summary.json``).
 
     ``stop_after`` ends the process-equivalent of a kill after that many epochs (for tests).
+    ``name`` and ``wandb_config`` (merged into the logged config) name the run in wandb.
+    A last batch of one example is dropped (a batch statistic of one value is undefined).
     A non-finite training loss ends the run with ``status: "diverged"``; the last good
     checkpoint stays.
     """
@@ -271,13 +275,16 @@ def run_study(
         _atomic_write(metrics_path, lambda p: p.write_text("".join(l + "\n" for l in kept)))
         echo(f"resuming {out} after epoch {start_epoch}")
 
-    name = f"{config.norm}-s{config.seed}"
-    tracker = WandbLogger(wandb_mode, out, {**dataclasses.asdict(config), "device": str(dev)},
-                          name=name, group=group, run_id=run_id, echo=echo)
+    name = name or f"{config.norm}-s{config.seed}"
+    logged = {**dataclasses.asdict(config), "device": str(dev), **(wandb_config or {})}
+    tracker = WandbLogger(wandb_mode, out, logged, name=name, group=group, run_id=run_id, echo=echo)
     stats = ActivationStats(model.norms())
-    n_train = len(data.train_x)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_data = len(data.train_x)
+    # a last batch of one is dropped: a different example sits out each epoch
+    n_train = n_data - 1 if n_data % config.batch_size == 1 and n_data > 1 else n_data
     steps = math.ceil(n_train / config.batch_size)
-    echo(f"{name}: {sum(p.numel() for p in model.parameters())} parameters, {n_train} training "
+    echo(f"{name}: {n_params} parameters, {n_train} training "
          f"images from {data.source}, device {dev}, {config.epochs} epochs")
     echo(f"{'epoch':>5} {'loss':>7} {'train':>6} {'t_loss':>7} {'test':>6} {'img/s':>8} {'sec':>6}  norm output mean/std")
     status, record = "finished", {}
@@ -285,7 +292,7 @@ def run_study(
         t0 = time.perf_counter()
         model.train()
         gen = torch.Generator(device=dev).manual_seed(config.seed * 1_000_003 + epoch)
-        order = torch.randperm(n_train, device=dev, generator=gen)
+        order = torch.randperm(n_data, device=dev, generator=gen)[:n_train]
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev)
         with _progress(steps, f"epoch {epoch}") as bar:
@@ -345,7 +352,7 @@ def run_study(
         "test_acc": record.get("test_acc"), "train_acc": record.get("train_acc"),
         "train_loss": record.get("train_loss"), "test_loss": record.get("test_loss"),
         "images_per_sec": record.get("images_per_sec"), "elapsed": elapsed,
-        "device": str(dev), "data_source": data.source,
+        "device": str(dev), "data_source": data.source, "parameters": n_params,
         "torch": torch.__version__, "config": dataclasses.asdict(config),
     }
     _write_json(out / "summary.json", summary)

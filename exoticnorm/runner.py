@@ -1,0 +1,174 @@
+"""Run a study's cells: skip finished ones, resume killed ones, optionally in parallel.
+
+Each cell is one ``run_study`` in ``OUT/<cell>-s<seed>`` (its console output in ``log.txt``
+there) and one wandb run in the group named after the study. A cell whose folder holds a run
+made with other settings is never touched: it is reported, and the study goes on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .grid import Cell, Study, StudyError
+from .train import RunError, run_study
+
+__all__ = ["cell_state", "run_cells", "run_one_cell", "select_shard"]
+
+
+def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+    """Cells ``i-1, i-1+n, …`` of the study's order for shard ``i/n``: every cell in exactly one
+    shard, each shard a mix of grid points and seeds."""
+    if shard is None:
+        return cells
+    i, n = shard
+    return cells[i - 1 :: n]
+
+
+def cell_state(cell: Cell, out: Path) -> str:
+    """"done" (summary.json), "partial" (checkpoint to resume), "new", or "mismatch" (the folder
+    holds a run made with other settings)."""
+    d = out / cell.run_name
+    config_path = d / "config.json"
+    if config_path.exists():
+        try:
+            saved = json.loads(config_path.read_text())
+        except json.JSONDecodeError:
+            saved = None
+        wanted = json.loads(json.dumps(dataclasses.asdict(cell.config)))
+        if saved is not None and {k: v for k, v in saved.items() if k != "epochs"} != \
+                {k: v for k, v in wanted.items() if k != "epochs"}:
+            return "mismatch"
+    if (d / "summary.json").exists():
+        return "done"
+    if (d / "checkpoint.pt").exists():
+        return "partial"
+    return "new"
+
+
+def _run_cell(study_name: str, cell: Cell, out: str, device: str, data_dir: str | None,
+              wandb_mode: str | None, download: bool, threads: int, data=None) -> dict:
+    """One cell, in this process; output to the cell's log.txt. Returns a short result."""
+    if threads:
+        torch.set_num_threads(threads)
+    run_dir = Path(out) / cell.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = (run_dir / "checkpoint.pt").exists()
+    orphan = run_dir / "metrics.jsonl"
+    if not resume and orphan.exists():  # killed between an epoch's metrics and its checkpoint
+        orphan.rename(run_dir / f"metrics.jsonl.killed-{time.strftime('%Y%m%d-%H%M%S')}")
+    t0 = time.perf_counter()
+    with (run_dir / "log.txt").open("a") as log:
+        def echo(msg: str) -> None:
+            log.write(msg + "\n")
+            log.flush()
+        try:
+            summary = run_study(
+                cell.config, run_dir, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
+                resume=resume, download=download, echo=echo, group=study_name, data=data,
+                name=cell.run_name,
+                wandb_config={"study": study_name, "cell": cell.key, **dict(cell.labels)},
+            )
+        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the study
+            echo(f"failed: {type(exc).__name__}: {exc}")
+            return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                    "seconds": time.perf_counter() - t0}
+    return {"status": summary["status"], "test_acc": summary.get("test_acc"),
+            "seconds": time.perf_counter() - t0, "resumed": resume}
+
+
+def run_cells(
+    study: Study,
+    out: Path,
+    jobs: int = 1,
+    shard: tuple[int, int] | None = None,
+    device: str = "auto",
+    data_dir: str | None = None,
+    wandb_mode: str | None = None,
+    download: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, int]:
+    """Run every cell of ``study`` (in ``shard``) not yet finished under ``out``; return counts
+    of cells by outcome. ``jobs`` > 1 runs cells in that many processes, each with
+    cores/jobs torch threads."""
+    if jobs < 1:
+        raise StudyError(f"--jobs must be at least 1, got {jobs}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps({
+        "name": study.name, "file": str(study.path), "quick": study.quick, "question": study.question,
+        "seeds": study.seeds, "axes": {a: [label for label, _ in v] for a, v in study.axes.items()},
+    }, indent=2) + "\n")
+    cells = select_shard(study.cells, shard)
+    counts = {"done": 0, "finished": 0, "diverged": 0, "failed": 0, "mismatch": 0}
+    todo = []
+    for cell in cells:
+        state = cell_state(cell, out)
+        if state == "done":
+            counts["done"] += 1
+        elif state == "mismatch":
+            counts["mismatch"] += 1
+            echo(f"skip {cell.run_name}: {out / cell.run_name} holds a run made with other settings "
+                 "(it is kept); move it away, or run the study with another --out")
+        else:
+            todo.append(cell)
+    where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
+    echo(f"study {study.name}{where}: {len(cells)} cells, {counts['done']} already finished, "
+         f"{len(todo)} to run in {out} with {jobs} job(s)")
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    args = (study.name, str(out), device, data_dir, wandb_mode, download, threads)
+
+    def report(i: int, cell: Cell, result: dict) -> None:
+        counts[result["status"] if result["status"] in counts else "failed"] += 1
+        detail = (f"test {result['test_acc']:.4f}" if result.get("test_acc") is not None
+                  else result.get("error", ""))
+        echo(f"[{i}/{len(todo)}] {cell.run_name}: {result['status']} {detail} "
+             f"({result['seconds']:.0f} s{', resumed' if result.get('resumed') else ''})")
+
+    if jobs == 1:
+        cache: dict = {}
+        for i, cell in enumerate(todo, 1):
+            data = _cached_data(cache, cell, device, data_dir, download)
+            report(i, cell, _run_cell(args[0], cell, *args[1:], data=data))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_run_cell, args[0], cell, *args[1:]): cell for cell in todo}
+            for i, fut in enumerate(cf.as_completed(futures), 1):
+                report(i, futures[fut], fut.result())
+    return counts
+
+
+def run_one_cell(study: Study, cell: Cell, out: Path, device: str = "auto",
+                 data_dir: str | None = None, wandb_mode: str | None = None,
+                 download: bool = True) -> dict:
+    """One cell in this process (``exoticnorm run-cell``, e.g. under ``wandb agent``)."""
+    state = cell_state(cell, out)
+    if state == "mismatch":
+        raise StudyError(f"{out / cell.run_name} holds a run made with other settings; move it away")
+    if state == "done":
+        return {"status": "done"}
+    return _run_cell(study.name, cell, str(out), device, data_dir, wandb_mode, download, 0)
+
+
+def _cached_data(cache: dict, cell: Cell, device: str, data_dir: str | None, download: bool):
+    """One copy of the dataset per (limits) in a sequential study; None lets run_study load it
+    (and report a missing dataset as that cell's error)."""
+    from .data import DatasetNotFound, load_fashion_mnist
+    from .train import pick_device
+
+    key = (cell.config.limit_train, cell.config.limit_test)
+    if key not in cache:
+        try:
+            cache.clear()
+            cache[key] = load_fashion_mnist(data_dir, pick_device(device), download, *key)
+        except (DatasetNotFound, RunError):
+            return None
+    return cache[key]
