@@ -186,12 +186,13 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
     base = dict(raw.get("base", {}))
     grid = dict(raw.get("grid", {}))
     n_seeds = raw.get("seeds", 1)
+    for axis in quick_raw.get("grid", {}):
+        if axis not in grid:
+            raise _fail(path, f"quick.grid.{axis} is not an axis of [grid]")
+    _check_fields(path, "[quick] base", quick_raw.get("base", {}))
     if quick:
         base.update(quick_raw.get("base", {}))
-        for axis, values in quick_raw.get("grid", {}).items():
-            if axis not in grid:
-                raise _fail(path, f"quick.grid.{axis} is not an axis of [grid]")
-            grid[axis] = values
+        grid.update(quick_raw.get("grid", {}))
         n_seeds = quick_raw.get("seeds", n_seeds)
     if seeds is not None:
         n_seeds = seeds

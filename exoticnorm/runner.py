@@ -123,7 +123,7 @@ def run_cells(
     echo(f"study {study.name}{where}: {len(cells)} cells, {counts['done']} already finished, "
          f"{len(todo)} to run in {out} with {jobs} job(s)")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
-    args = (study.name, str(out), device, data_dir, wandb_mode, download, threads)
+    args = (study.run_dir_name, str(out), device, data_dir, wandb_mode, download, threads)
 
     def report(i: int, cell: Cell, result: dict) -> None:
         counts[result["status"] if result["status"] in counts else "failed"] += 1
@@ -155,7 +155,7 @@ def run_one_cell(study: Study, cell: Cell, out: Path, device: str = "auto",
         raise StudyError(f"{out / cell.run_name} holds a run made with other settings; move it away")
     if state == "done":
         return {"status": "done"}
-    return _run_cell(study.name, cell, str(out), device, data_dir, wandb_mode, download, 0)
+    return _run_cell(study.run_dir_name, cell, str(out), device, data_dir, wandb_mode, download, 0)
 
 
 def _cached_data(cache: dict, cell: Cell, device: str, data_dir: str | None, download: bool):

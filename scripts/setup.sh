@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   quiet_pip .venv/bin/python -m pip install -q --disable-pip-version-check \
     -c scripts/constraints.txt torch torchvision
   quiet_pip .venv/bin/python -m pip install -q --disable-pip-version-check \
-    -c scripts/constraints.txt -e '.[test,bench]'
+    -c scripts/constraints.txt -e '.[test,bench,report]'
   echo "$want" > "$stamp"
 fi
 
