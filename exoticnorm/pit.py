@@ -8,7 +8,11 @@ Training: F is the batch's CDF on the running sketch's grid (``exoticnorm.sketch
 bucket counts giving the batch CDF G_k at the bin edges, a value at position t in bin k maps
 to G_k + (t − k)(G_{k+1} − G_k), whose slope is the batch histogram density (non-zero inside
 the data, zero in empty bins and outside the data). Ties at the bottom of a bin, such as the
-zeros after a ReLU, take their mid-rank G_k + m/(2n) (m tied values out of n). Eval: F is the
+zeros after a ReLU, take their mid-rank G_k + m/(2n) (m tied values out of n). With
+``output="normal"`` the map is g(G_k) + (t − k)(g(G_{k+1}) − g(G_k)): exact at every bin edge,
+linear in between, so one table lookup per value and no Φ⁻¹ per value. On the CPU the
+histogram and the transform are two fused C++ passes (``exoticnorm/csrc/pit_cpu.cpp``) and
+the backward one; elsewhere the same math runs as torch ops. Eval: F is the
 running sketch mixed with a little of the grid's own heavy-tailed shape,
 F = (1 − 2ε) F_sketch + 2ε·u_grid with ε = 1/(n + 2) after n values (the mass the sketch
 cannot have seen), so values beyond anything seen still map in order (graded, unclipped
@@ -24,14 +28,35 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from einops import rearrange
 from torch import Tensor
 
 from . import functional as EF
 from .base import InputError, RunningStatsNorm
 from .registry import register_norm
+from .kernels import pit_cpu
 from .sketch import QuantileSketch
 
 __all__ = ["PITNorm"]
+
+
+class _FusedPIT(torch.autograd.Function):
+    """The training transform as fused CPU passes (the histogram, then this forward; the backward
+    recomputes each value's bin from x). The tables are constants, as the bin counts are: the
+    gradient is the transform's local slope."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, kernel, *tables):
+        ctx.kernel = kernel
+        ctx.save_for_backward(x3, weight, *tables)
+        return kernel.apply(x3, *tables, weight.detach(), bias.detach())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x3, weight, *tables = ctx.saved_tensors
+        gx, gw, gb = ctx.kernel.backward(gy.contiguous(), x3, *tables, weight.detach())
+        return gx, gw, gb, None, *([None] * len(tables))
 
 OUTPUTS = ("normal", "uniform")
 
@@ -74,38 +99,84 @@ class PITNorm(RunningStatsNorm):
         if hasattr(self, "sketch"):
             self.sketch.reset()
 
-    def _batch_cdf(self, x: Tensor) -> Tensor:
-        sketch = self.sketch if self.track_running_stats else QuantileSketch(
-            self.num_features, self.bins, None, device=x.device)
-        sketch.follow(x, dim=1)
-        t = sketch.position(x, dim=1)
-        flat = sketch.bin_index(t, dim=1)
+    def _batch_tables(self, x3: Tensor) -> tuple[Tensor, ...]:
+        """The batch's transform as per-bin tables (C, K): output at a bin's bottom (lo), its
+        increase across the bin (span), and for a tie at the bin's bottom (has_atom, with the
+        tied value ``bottom``) the output of its mid-rank (atom). Updates the sketch: the batch
+        is counted on the current grid, then the grid follows the batch's moments (the first
+        batch sets the grid before it is counted)."""
         k = self.bins
-        counts = sketch.count_index(flat).to(t.dtype)
-        local_counts = counts
+        sketch = self.sketch if self.track_running_stats else QuantileSketch(
+            self.num_features, k, None, device=x3.device)
+        fresh = not bool(sketch.ready.all())
+        if fresh:
+            sketch.follow(x3, dim=1)
+        center, scale = sketch.center.to(x3.dtype), sketch.scale.to(x3.dtype)
+        kernel = pit_cpu() if x3.device.type == "cpu" else None
+        if kernel is not None:
+            counts, bottom, ties, moments = kernel.histogram(x3, center, scale, k)
+        else:
+            values = x3.detach()
+            flat = sketch.bin_index(sketch.position(values, dim=1), dim=1).reshape(-1)
+            counts = sketch.count_index(flat).to(x3.dtype)
+            values = values.reshape(-1)
+            bottom = values.new_full((self.num_features * k,), float("inf"))
+            bottom = bottom.scatter_reduce(0, flat, values, "amin", include_self=True)
+            ties = torch.zeros_like(bottom).scatter_add_(0, flat, (values == bottom[flat]).to(x3.dtype))
+            bottom, ties = bottom.view(-1, k), ties.view(-1, k)
+            v = x3.detach().double()
+            moments = torch.stack([torch.full_like(v[0, :, 0], v.numel() // v.shape[1]),
+                                   v.sum((0, 2)), (v * v).sum((0, 2))])
+        local_n = moments[:1].T if kernel is not None else counts.sum(1, keepdim=True)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             counts = counts.clone()
             dist.all_reduce(counts)
+        if kernel is not None:
+            observe = self.training and self.track_running_stats
+            momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
+            lo, span, atom, has_atom = kernel.tables(
+                counts, ties, local_n[:, 0], self.output == "normal", self.tail, sketch.cdf,
+                sketch.weight, momentum, observe, x3.dtype)
+            if not fresh:
+                sketch.follow_moments(moments)
+            return center, scale, lo, span, bottom, atom, has_atom
+        counts, ties, local_n = counts.to(x3.dtype), ties.to(x3.dtype), local_n.to(x3.dtype)
         if self.training and self.track_running_stats:
-            sketch.observe(counts)
-        n = counts.sum(1, keepdim=True)
-        edges = torch.cat([counts.new_zeros(self.num_features, 1), counts.cumsum(1)], 1) / n
-        # ties at the bottom of a bin (an atom, e.g. ReLU zeros) take their mid-rank; the rest
-        # of the bin is linear in t above the atom's mass
-        bins = flat.reshape(-1)
-        values = x.detach().reshape(-1).to(t.dtype)
-        bottom = torch.full((self.num_features * k,), float("inf"), device=x.device, dtype=t.dtype)
-        bottom = bottom.scatter_reduce(0, bins, values, "amin", include_self=True)
-        at_bottom = values == bottom[bins]
-        tied = torch.zeros_like(bottom).scatter_add_(0, bins, at_bottom.to(t.dtype))
-        atom_share = torch.where(tied > 1, tied, 0.0)[bins] / local_counts.sum(1)[bins // k]
-        row = bins + bins // k  # edges has k + 1 entries per channel
-        g_lo = edges.flatten()[row] + atom_share
-        g_hi = edges.flatten()[row + 1]
-        frac = t.reshape(-1) - (bins % k).to(t.dtype)
-        u = g_lo + frac * (g_hi - g_lo)
-        u = torch.where(at_bottom & (atom_share > 0), g_lo - atom_share / 2, u)
-        return u.view(t.shape)
+            sketch.observe(counts.to(sketch.cdf.dtype))
+        if not fresh:
+            sketch.follow_moments(moments)
+        edges = torch.cat([counts.new_zeros(self.num_features, 1), counts.cumsum(1)], 1) / counts.sum(1, keepdim=True)
+        has_atom = ties > 1
+        share = torch.where(has_atom, ties, 0.0) / local_n  # the tied values' part of the batch
+        if self.output == "uniform":
+            lo, hi, atom = edges[:, :-1] + share, edges[:, 1:], edges[:, :-1] + share / 2
+        else:
+            ppf = lambda u: torch.special.ndtri(u.clamp(self.tail, 1.0 - self.tail))  # noqa: E731
+            nd = ppf(edges)
+            lo, hi, atom = nd[:, :-1].clone(), nd[:, 1:], nd[:, :-1].clone()
+            where = has_atom.nonzero(as_tuple=True)  # few bins (ReLU zeros): Φ⁻¹ only there
+            lo[where] = ppf(edges[:, :-1][where] + share[where])
+            atom[where] = ppf(edges[:, :-1][where] + share[where] / 2)
+        return center, scale, lo, (hi - lo).contiguous(), bottom.contiguous(), atom, has_atom
+
+    def _train_transform(self, x3: Tensor) -> Tensor:
+        """y = γ (lo_k + span_k (t − k)) + β for x3 (N, C, S) at grid position t in bin k
+        (atom_k for a tie at the bin's bottom); fused on the CPU, torch ops elsewhere."""
+        center, scale, lo, span, bottom, atom, has_atom = self._batch_tables(x3)
+        weight = (self.weight if self.affine else x3.new_ones(self.num_features)).to(x3.dtype)
+        bias = (self.bias if self.affine else x3.new_zeros(self.num_features)).to(x3.dtype)
+        kernel = pit_cpu() if x3.device.type == "cpu" else None
+        if kernel is not None:
+            return _FusedPIT.apply(x3, weight, bias, kernel, center, scale, lo, span, bottom, atom, has_atom)
+        k = self.bins
+        z = (x3 - center.view(1, -1, 1)) / scale.view(1, -1, 1)
+        t = (z / (1.0 + z.abs()) + 1.0) * (0.5 * k)
+        bin_ = t.detach().floor().clamp_(0, k - 1)
+        flat = (bin_.long() + torch.arange(self.num_features, device=x3.device).view(1, -1, 1) * k).reshape(-1)
+        g = lo.flatten()[flat].view_as(t) + span.flatten()[flat].view_as(t) * (t - bin_)
+        tie = has_atom.flatten()[flat].view_as(t) & (x3 == bottom.flatten()[flat].view_as(t))
+        g = torch.where(tie, atom.flatten()[flat].view_as(t), g)
+        return g * weight.view(1, -1, 1) + bias.view(1, -1, 1)
 
     def _normalize(self, x: Tensor) -> Tensor:
         if self.uses_batch_stats and EF.values_per_channel(x) <= 1:
@@ -118,15 +189,16 @@ class PITNorm(RunningStatsNorm):
         with torch.autocast(x.device.type, enabled=False):
             xs = x.to(dtype)
             if self.uses_batch_stats:
-                u = self._batch_cdf(xs)
-                if self.output == "normal":
-                    u = u.clamp(self.tail, 1.0 - self.tail)
-            else:
-                t = self.sketch.position(xs, dim=1)
-                f = QuantileSketch.interpolate(self.sketch.cdf, t.movedim(1, 0)).movedim(0, 1)
-                eps = (1.0 / (self.sketch.weight + 2.0)).to(dtype).view(1, -1, *[1] * (x.ndim - 2))
-                u = (1.0 - 2.0 * eps) * f + (2.0 * eps / self.bins) * t
-                u = u.clamp(1e-12, 1.0 - 1e-12)
+                x3 = rearrange(xs, "n c ... -> n c (...)")
+                if x3.shape[2] == 1:  # (N, C): each channel's values made contiguous, as one row
+                    y3 = self._train_transform(rearrange(x3, "n c 1 -> 1 c n").contiguous())
+                    return rearrange(y3, "1 c n -> n c 1").reshape(xs.shape).to(x.dtype)
+                return self._train_transform(x3.contiguous()).view(xs.shape).to(x.dtype)
+            t = self.sketch.position(xs, dim=1)
+            f = QuantileSketch.interpolate(self.sketch.cdf, t.movedim(1, 0)).movedim(0, 1)
+            eps = (1.0 / (self.sketch.weight + 2.0)).to(dtype).view(1, -1, *[1] * (x.ndim - 2))
+            u = (1.0 - 2.0 * eps) * f + (2.0 * eps / self.bins) * t
+            u = u.clamp(1e-12, 1.0 - 1e-12)
             y = torch.special.ndtri(u) if self.output == "normal" else u
             y = EF.affine_normalize(y, None, None, self.weight, self.bias, 0.0)
         return y.to(x.dtype)

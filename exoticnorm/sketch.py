@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .kernels import pit_cpu
+
 __all__ = ["QuantileSketch"]
 
 
@@ -159,6 +161,21 @@ class QuantileSketch(nn.Module):
         self._follow(moments)
 
     @torch.no_grad()
+    def follow_moments(self, moments: Tensor) -> None:
+        """``follow`` from a batch's per-channel moments (3, C): count, sum, sum of squares."""
+        if _distributed():
+            moments = moments.clone()
+            dist.all_reduce(moments)
+        kernel = pit_cpu() if self.cdf.device.type == "cpu" else None
+        if kernel is None:
+            return self._follow(moments.to(self.cdf.dtype))
+        regrid, std = kernel.follow(moments.double(), self.mean, self.var, self.center, self.scale, self.ready,
+                                    -1.0 if self.momentum is None else float(self.momentum), self.regrid_shift)
+        if bool(regrid.any()):
+            self._regrid(regrid, self.mean, std)
+        self.ready.fill_(True)
+
+    @torch.no_grad()
     def _follow(self, moments: Tensor) -> None:
         """Set the grid from the first batch; with a momentum, track the running moments and
         re-grid when they drift."""
@@ -176,7 +193,8 @@ class QuantileSketch(nn.Module):
         moved = ((self.mean - self.center).abs() > self.regrid_shift * self.scale) | (
             (std / self.scale - 1).abs() > self.regrid_shift)
         regrid = first | (moved & (self.momentum is not None))
-        self._regrid(regrid, self.mean, std)
+        if self.center.device.type != "cpu" or bool(regrid.any()):  # no sync on accelerators
+            self._regrid(regrid, self.mean, std)
         self.ready.fill_(True)
 
     def _regrid(self, where: Tensor, center: Tensor, scale: Tensor) -> None:

@@ -1,10 +1,14 @@
 import gzip
+import os
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+# the PIT kernel's build cache stays put while each test gets its own XDG_CACHE_HOME
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
 
 
 @pytest.fixture(autouse=True)

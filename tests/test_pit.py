@@ -89,3 +89,29 @@ def test_registered_and_in_lenet():
     out.sum().backward()
     assert out.shape == (32, 10) and torch.isfinite(model.net.conv1.weight.grad).all()
     assert type(en.convert_norms(torch.nn.BatchNorm2d(4), "pit")) is en.PITNorm
+
+
+@pytest.mark.parametrize("output", ["uniform", "normal"])
+@pytest.mark.parametrize("shape", [(64, 3), (16, 3, 20), (8, 3, 6, 5), (4, 3, 2, 3, 4)])
+def test_fused_kernel_matches_torch_ops(output, shape, monkeypatch):
+    """The C++ training transform against the pure-torch one (CUDA's path): outputs, gradients
+    of x, γ and β, and the sketch, with ReLU-style ties in the input."""
+    from exoticnorm.kernels import pit_cpu
+
+    if pit_cpu() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    x = torch.relu(torch.randn(shape, dtype=torch.float64) + 0.3)
+    results = []
+    for off in ("0", "1"):
+        monkeypatch.setenv("EXOTICNORM_NO_KERNELS", off)
+        torch.manual_seed(0)
+        m = en.PITNorm(3, output=output, bins=40).double()
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 2), m.bias.uniform_(-1, 1)
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
+        y.backward(gy)
+        results.append((y.detach(), xi.grad, m.weight.grad, m.bias.grad, m.sketch.cdf.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
