@@ -197,18 +197,31 @@ def answer(points: list[PointResult], study: Study) -> str:
                          f"{_fmt(*best.mean_std('test_acc')) if best else '–'} | "
                          f"{sum(p.diverged for p in group)} |")
     elif kind == "batch":
-        lines.append("| norm | best batch | test acc there | smallest batch | test acc there | Δ (± se) |")
-        lines.append("|---|---|---|---|---|---|")
-        for facet, group in _facets(points, study).items():
-            scored = [p for p in group if p.finished]
-            if not scored:
+        facets = _facets(points, study)
+        xs = sorted({_x(p, study) for p in points})
+        lines.append("Test accuracy, mean ± std over seeds, per norm (rows) and batch size (columns):")
+        lines.append("")
+        lines.append("| norm | " + " | ".join(f"{x:g}" for x in xs) + " |")
+        lines.append("|---" * (len(xs) + 1) + "|")
+        for facet, group in facets.items():
+            by_x = {_x(p, study): p for p in group}
+            lines.append(f"| {facet} | " + " | ".join(
+                _fmt(*by_x[x].mean_std("test_acc"), digits=3) if x in by_x else "–" for x in xs) + " |")
+        ref_name = study.analysis.get("reference")
+        for x in (xs[0], xs[-1]):
+            at_x = {f: next((p for p in g if _x(p, study) == x and p.finished), None) for f, g in facets.items()}
+            at_x = {f: p for f, p in at_x.items() if p is not None}
+            if not at_x:
                 continue
-            best = max(scored, key=lambda p: p.mean_std("test_acc")[0])
-            small = min(scored, key=lambda p: _x(p, study))
-            d, se = _diff(small, best)
-            se_txt = "" if math.isnan(se) else f" ± {se:.4f}"
-            lines.append(f"| {facet} | {_x(best, study):g} | {_fmt(*best.mean_std('test_acc'))} | "
-                         f"{_x(small, study):g} | {_fmt(*small.mean_std('test_acc'))} | {d:+.4f}{se_txt} |")
+            best = max(at_x, key=lambda f: at_x[f].mean_std("test_acc")[0])
+            lines.append("")
+            lines.append(f"At batch size {x:g} the best is **{best}** ({_fmt(*at_x[best].mean_std('test_acc'))}).")
+            if ref_name in at_x:
+                for f, p in at_x.items():
+                    if f != ref_name:
+                        d, se = _diff(p, at_x[ref_name])
+                        se_txt = "" if math.isnan(se) else f" ± {se:.4f} (se)"
+                        lines.append(f"- {f} vs {ref_name}: Δ = {d:+.4f}{se_txt}: {_verdict(d, se)}")
     else:
         raise StudyError(f"{study.path}: analysis.kind must be compare, lr or batch, got {kind!r}")
     return "\n".join(lines) + "\n"
@@ -253,11 +266,18 @@ def _grid_axes(n: int, width: float = 4.0, height: float = 3.2):
     plt = _plt()
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=True,
+                             layout="constrained")
     flat = [a for row in axes for a in row]
     for a in flat[n:]:
         a.set_visible(False)
     return fig, flat[:n]
+
+
+def _integer_x(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _short(p: PointResult, study: Study) -> str:
@@ -286,6 +306,7 @@ def fig_curves(points: list[PointResult], study: Study, out: Path) -> list[str]:
             ax.plot(ep, m, color=color, linestyle="--", linewidth=0.8)
         ax.set_title(facet if facet != "all" else study.name)
         ax.set_xlabel("epoch")
+        _integer_x(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("accuracy (test solid, train dashed)")
@@ -299,7 +320,7 @@ def fig_final_vs_x(points: list[PointResult], study: Study, out: Path) -> list[s
     if "x" not in study.analysis:
         return []
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     min_acc = float(study.analysis.get("min_train_acc", 0.5))
     for i, (facet, group) in enumerate(_facets(points, study).items()):
         color = plt.get_cmap("tab10")(i % 10)
@@ -341,7 +362,7 @@ def fig_activations(points: list[PointResult], study: Study, out: Path) -> list[
     if not chosen or not sites:
         return []
     plt = _plt()
-    fig, axes = plt.subplots(2, len(sites), figsize=(3.6 * len(sites), 5.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(sites), figsize=(3.6 * len(sites), 5.5), squeeze=False, layout="constrained")
     for i, p in enumerate(chosen):
         color = plt.get_cmap("tab10")(i % 10)
         for j, site in enumerate(sites):
@@ -352,10 +373,13 @@ def fig_activations(points: list[PointResult], study: Study, out: Path) -> list[
                     axes[row][j].plot(ep, m, color=color, marker=".", label=p.key)
                 axes[row][j].set_title(f"{site} output {stat}", fontsize=9)
                 axes[row][j].grid(alpha=0.3)
+                _integer_x(axes[row][j])
     for j in range(len(sites)):
         axes[1][j].set_xlabel("epoch")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{study.name}: norm-layer activations in training" + (f" ({focus})" if focus else ""))
+    where = ", ".join(f"{a} = {l}" for a, l in focus.items())
+    fig.suptitle(f"{study.name}: norm-layer output mean and std in training (epoch averages)"
+                 + (f", {where}" if where else ""))
     return _save(fig, out, "activations")
 
 
@@ -398,13 +422,17 @@ def fig_epoch_time(points: list[PointResult], study: Study, out: Path) -> list[s
     if not timed:
         return []
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 0.25 * len(timed) + 1.2))
-    ax.barh([p.key for p in timed], [p.epoch_time() for p in timed], color="tab:blue")
+    fig, ax = plt.subplots(figsize=(6.5, 0.25 * len(timed) + 1.2), layout="constrained")
+    facet = study.analysis.get("facet")
+    names = list(dict.fromkeys(p.labels.get(facet, "") for p in timed)) if facet else [""]
+    colors = [_plt().get_cmap("tab10")(names.index(p.labels.get(facet, "") if facet else "") % 10) for p in timed]
+    ax.barh([p.key for p in timed], [p.epoch_time() for p in timed], color=colors)
     ax.invert_yaxis()
     ax.set_xlabel("seconds per epoch (mean over epochs and seeds)")
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(f"{study.name}: time per epoch", fontsize=10)
+    ax.set_title(f"{study.name}: seconds per epoch (training + evaluation; the machine's load counts)",
+                 fontsize=9)
     return _save(fig, out, "epoch_time")
 
 
