@@ -111,7 +111,9 @@ class PITNorm(RunningStatsNorm):
         fresh = not bool(sketch.ready.all())
         if fresh:
             sketch.follow(x3, dim=1)
-        center, scale = sketch.center.to(x3.dtype), sketch.scale.to(x3.dtype)
+        # copies: the grid the batch is counted on is the one it is placed on, although the
+        # sketch's grid may follow this batch's moments before the transform runs
+        center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
         kernel = pit_cpu() if x3.device.type == "cpu" else None
         if kernel is not None:
             counts, bottom, ties, moments = kernel.histogram(x3, center, scale, k)
@@ -171,7 +173,7 @@ class PITNorm(RunningStatsNorm):
         k = self.bins
         z = (x3 - center.view(1, -1, 1)) / scale.view(1, -1, 1)
         t = (z / (1.0 + z.abs()) + 1.0) * (0.5 * k)
-        bin_ = t.detach().floor().clamp_(0, k - 1)
+        bin_ = torch.nan_to_num(t.detach(), nan=0.0).floor().clamp_(0, k - 1)  # NaN stays NaN via t
         flat = (bin_.long() + torch.arange(self.num_features, device=x3.device).view(1, -1, 1) * k).reshape(-1)
         g = lo.flatten()[flat].view_as(t) + span.flatten()[flat].view_as(t) * (t - bin_)
         tie = has_atom.flatten()[flat].view_as(t) & (x3 == bottom.flatten()[flat].view_as(t))

@@ -95,7 +95,7 @@ class QuantileSketch(nn.Module):
         c = cdf_edges.shape[0]
         full = torch.cat([cdf_edges.new_zeros(c, 1), cdf_edges, cdf_edges.new_ones(c, 1)], dim=1)
         flat_t = t.reshape(c, -1)
-        k = flat_t.detach().floor().clamp_(0, full.shape[1] - 2).long()
+        k = torch.nan_to_num(flat_t.detach(), nan=0.0).floor().clamp_(0, full.shape[1] - 2).long()
         lo, hi = full.gather(1, k), full.gather(1, k + 1)
         return (lo + (flat_t - k) * (hi - lo)).reshape(t.shape)
 

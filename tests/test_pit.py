@@ -115,3 +115,30 @@ def test_fused_kernel_matches_torch_ops(output, shape, monkeypatch):
         results.append((y.detach(), xi.grad, m.weight.grad, m.bias.grad, m.sketch.cdf.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_output_stays_uniform_when_the_grid_moves(kernels, monkeypatch):
+    """A batch far from the previous ones moves the sketch's grid (after it is counted); its
+    own transform must still be its CDF, in float32 as in float64, on both paths."""
+    monkeypatch.setenv("EXOTICNORM_NO_KERNELS", kernels)
+    for dtype in (torch.float32, torch.float64):
+        m = en.PITNorm(1, output="uniform", momentum=0.5).to(dtype)
+        m(_data("normal", (64, 1, 16, 16), 1).to(dtype))
+        center = m.sketch.center.clone()
+        x = (_data("normal", (256, 1, 20, 20), 2) + 6.0).to(dtype)
+        y = m(x).detach().flatten().double().numpy()
+        assert not torch.equal(center, m.sketch.center)  # the grid did move
+        assert scipy.stats.kstest(y, "uniform").statistic <= 0.01
+
+
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_nonfinite_input_gives_nonfinite_output_not_a_crash(kernels, monkeypatch):
+    monkeypatch.setenv("EXOTICNORM_NO_KERNELS", kernels)
+    m = en.PITNorm(2)
+    x = torch.randn(32, 2, 4, 4)
+    x[0, 0, 0, 0], x[1, 1, 0, 0] = float("nan"), float("inf")
+    y = m(x)  # NaN/Inf propagate (as in torch's BatchNorm); no index error, no crash
+    assert torch.isnan(y[0, 0, 0, 0])
+    m.eval()
+    assert torch.isnan(m(x)[0, 0, 0, 0])
