@@ -216,7 +216,8 @@ def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, downl
         if export_sweep:
             import yaml
 
-            Path(export_sweep).write_text(yaml.safe_dump(study.sweep_config(), sort_keys=False))
+            Path(export_sweep).write_text(yaml.safe_dump(study.sweep_config(seeds_given=seeds is not None),
+                                                         sort_keys=False))
             click.echo(f"wrote {export_sweep} ({len(study.cells)} runs); start it with: "
                        f"wandb sweep {export_sweep}  and then: wandb agent ENTITY/PROJECT/SWEEP_ID")
             return
@@ -228,7 +229,7 @@ def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, downl
     click.echo(" ".join(f"{k}: {v}" for k, v in counts.items()))
     report_cmd = f"exoticnorm report {study_file}" + (" --quick" if quick else "") + (f" --runs {out}" if out else "")
     click.echo(f"report: {report_cmd}")
-    if counts["failed"] or counts["mismatch"]:
+    if counts["failed"] or counts["mismatch"] or counts["busy"]:
         click.echo("some cells failed or were skipped; see log.txt in their folders", err=True)
         ctx.exit(1)
 
@@ -236,11 +237,12 @@ def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, downl
 @main.command("run-cell", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("study_file", type=click.Path(dir_okay=False))
 @click.option("--quick", is_flag=True)
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds 0..N-1 [default: the study's].")
 @click.option("--out", type=click.Path(file_okay=False), help="Runs folder [default: runs/studies/NAME[-quick]].")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]))
 @click.pass_context
-def run_cell(ctx, study_file, quick, out, device, wandb_mode) -> None:
+def run_cell(ctx, study_file, quick, seeds, out, device, wandb_mode) -> None:
     """One cell of a study, named by --AXIS=LABEL ... --seed=S (what `wandb agent` calls)."""
     from .grid import StudyError, load_study
     from .runner import run_one_cell
@@ -251,11 +253,13 @@ def run_cell(ctx, study_file, quick, out, device, wandb_mode) -> None:
         if not arg.startswith("--") or not sep:
             raise click.UsageError(f"expected --AXIS=LABEL, got {arg!r}")
         if key == "seed":
+            if not value.lstrip("-").isdigit():
+                raise click.UsageError(f"--seed takes an integer, got {value!r}")
             seed = int(value)
         else:
             labels[key] = value
     try:
-        study = load_study(study_file, quick=quick)
+        study = load_study(study_file, quick=quick, seeds=seeds)
         if seed is None:
             raise StudyError("run-cell needs --seed=S")
         cell = study.find_cell(labels, seed)
@@ -270,11 +274,12 @@ def run_cell(ctx, study_file, quick, out, device, wandb_mode) -> None:
 @main.command()
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--quick", is_flag=True, help="Report the study's quick runs.")
+@click.option("--seeds", type=click.IntRange(min=1), help="Seeds 0..N-1 [default: the study's].")
 @click.option("--runs", type=click.Path(file_okay=False), help="Runs folder [default: runs/studies/NAME[-quick]].")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Report folder [default: studies/NAME/ for a full study, RUNS/report for --quick].")
 @click.option("--wandb-report", is_flag=True, help="Also create a wandb report (online and logged in).")
-def report(source, quick, runs, out, wandb_report) -> None:
+def report(source, quick, seeds, runs, out, wandb_report) -> None:
     """Tables, figures (PNG and PDF) and a markdown answer for a study (its .toml or runs folder)."""
     from .grid import StudyError, load_study
     from .report import make_report, wandb_report_for
@@ -285,10 +290,10 @@ def report(source, quick, runs, out, wandb_report) -> None:
             meta = json.loads((src / "study.json").read_text()) if (src / "study.json").exists() else None
             if meta is None:
                 raise StudyError(f"{src} has no study.json; pass the study's .toml, or a folder made by `exoticnorm run`")
-            study = load_study(meta["file"], quick=meta["quick"], seeds=len(meta["seeds"]))
+            study = load_study(meta["file"], quick=meta["quick"], seeds=seeds or len(meta["seeds"]))
             runs_dir = src
         else:
-            study = load_study(src, quick=quick)
+            study = load_study(src, quick=quick, seeds=seeds)
             runs_dir = _study_runs_dir(study, runs)
         out_dir = Path(out) if out else (runs_dir / "report" if study.quick else Path("studies") / study.name)
         written = make_report(study, runs_dir, out_dir, echo=click.echo)

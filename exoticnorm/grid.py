@@ -93,7 +93,7 @@ class Study:
             seen.setdefault(c.key)
         return list(seen)
 
-    def sweep_config(self) -> dict[str, Any]:
+    def sweep_config(self, seeds_given: bool = False) -> dict[str, Any]:
         """A wandb sweep (method grid) over the same cells; each agent call runs
         ``exoticnorm run-cell STUDY --axis=label ... --seed=S`` (see cli.py)."""
         params = {axis: {"values": [label for label, _ in values]} for axis, values in self.axes.items()}
@@ -101,6 +101,8 @@ class Study:
         command = ["${env}", "exoticnorm", "run-cell", str(self.path)]
         if self.quick:
             command.append("--quick")
+        if seeds_given:
+            command.append(f"--seeds={len(self.seeds)}")
         return {
             "name": self.run_dir_name, "program": "exoticnorm", "method": "grid",
             "metric": {"name": "test_acc", "goal": "maximize"},
@@ -155,6 +157,27 @@ def _axis(path: Path, name: str, values: Any) -> list[tuple[str, dict[str, Any]]
     return out
 
 
+KINDS = {"compare": (), "lr": ("x",), "batch": ("x",)}
+
+
+def _check_analysis(path: Path, analysis: dict[str, Any], axes: dict) -> None:
+    """Fail at load time, not after the runs, on an [analysis] the report cannot use."""
+    kind = analysis.get("kind", "compare")
+    if kind not in KINDS:
+        raise _fail(path, f"analysis.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    for key in KINDS[kind]:
+        if key not in analysis:
+            raise _fail(path, f"analysis.kind = {kind!r} needs analysis.{key} (a setting, e.g. \"lr\")")
+    if "x" in analysis and analysis["x"] not in FIELDS:
+        raise _fail(path, f"analysis.x must be a setting ({', '.join(sorted(FIELDS))}), got {analysis['x']!r}")
+    for key in ("facet",):
+        if key in analysis and analysis[key] not in axes:
+            raise _fail(path, f"analysis.{key} must be a grid axis ({', '.join(axes)}), got {analysis[key]!r}")
+    for axis in analysis.get("focus", {}):
+        if axis not in axes:
+            raise _fail(path, f"analysis.focus names {axis!r}, not a grid axis ({', '.join(axes)})")
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"i/n"`` (1 ≤ i ≤ n) → (i, n)."""
     if text is None:
@@ -204,11 +227,13 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
                   seeds=list(range(n_seeds)), analysis=dict(raw.get("analysis", {})),
                   axes=axes, base=base, quick=quick)
     points = list(itertools.product(*axes.values())) if axes else [()]
+    _check_analysis(path, study.analysis, axes)
     for seed in study.seeds:  # seed-major: every grid point gets a first seed early
         for point in points:
-            fields = dict(base)
+            fields, by_axes = dict(base), set()
             for (axis, _), (label, values) in zip(axes.items(), point):
-                clash = set(values) & set(fields) - set(base)
+                clash = set(values) & by_axes
+                by_axes |= set(values)
                 if clash:
                     raise _fail(path, f"grid.{axis} ({label}) sets {', '.join(sorted(clash))}, "
                                       "which another axis also sets")
@@ -222,6 +247,13 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
                 raise _fail(path, f"cell {where}: {exc}") from exc
             labels = tuple((axis, label) for axis, (label, _) in zip(axes, point))
             study.cells.append(Cell(labels, config))
+    ref = study.analysis.get("reference")
+    if ref is not None:
+        facet = study.analysis.get("facet")
+        valid = [label for label, _ in axes[facet]] if facet and study.analysis.get("kind") == "batch" \
+            else study.points()
+        if ref not in valid:
+            raise _fail(path, f"analysis.reference {ref!r} is not one of {', '.join(valid)}")
     return study
 
 

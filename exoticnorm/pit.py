@@ -39,6 +39,8 @@ from .sketch import QuantileSketch
 
 __all__ = ["PITNorm"]
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)  # of the sketch's buffers
+
 
 class _FusedPIT(torch.autograd.Function):
     """The training transform as fused CPU passes (the histogram, then this forward; the backward
@@ -114,13 +116,13 @@ class PITNorm(RunningStatsNorm):
         # copies: the grid the batch is counted on is the one it is placed on, although the
         # sketch's grid may follow this batch's moments before the transform runs
         center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
-        kernel = pit_cpu() if x3.device.type == "cpu" else None
+        kernel = pit_cpu() if x3.device.type == "cpu" and sketch.cdf.dtype in _KERNEL_DTYPES else None
         if kernel is not None:
             counts, bottom, ties, moments = kernel.histogram(x3, center, scale, k)
         else:
             values = x3.detach()
             flat = sketch.bin_index(sketch.position(values, dim=1), dim=1).reshape(-1)
-            counts = sketch.count_index(flat).to(x3.dtype)
+            counts = sketch.count_index(flat).double()
             values = values.reshape(-1)
             bottom = values.new_full((self.num_features * k,), float("inf"))
             bottom = bottom.scatter_reduce(0, flat, values, "amin", include_self=True)
@@ -133,7 +135,7 @@ class PITNorm(RunningStatsNorm):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             counts = counts.clone()
             dist.all_reduce(counts)
-        if kernel is not None:
+        if kernel is not None:  # all in one C++ call
             observe = self.training and self.track_running_stats
             momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
             lo, span, atom, has_atom = kernel.tables(

@@ -40,7 +40,8 @@ class PointResult:
     config: dict[str, Any]
     summaries: list[dict] = field(default_factory=list)  # finished or diverged runs
     metrics: list[list[dict]] = field(default_factory=list)  # per run, per epoch
-    missing: int = 0
+    missing: int = 0  # seeds without a finished run of this cell's settings
+    mismatched: int = 0  # of those, folders holding a run made with other settings
 
     @property
     def finished(self) -> list[dict]:
@@ -83,8 +84,12 @@ def collect(study: Study, runs: Path) -> list[PointResult]:
         p = points.setdefault(cell.key, PointResult(cell.key, dict(cell.labels), _config(cell)))
         d = runs / cell.run_name
         summary_path = d / "summary.json"
-        if summary_path.exists():
-            p.summaries.append(json.loads(summary_path.read_text()))
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if summary is not None and summary.get("config") != p.config | {"seed": cell.config.seed}:
+            p.mismatched += 1  # made with other settings (the study file changed): not this cell
+            summary = None
+        if summary is not None:
+            p.summaries.append(summary)
             p.metrics.append(_read_metrics(d / "metrics.jsonl"))
         else:
             p.missing += 1
@@ -94,7 +99,7 @@ def collect(study: Study, runs: Path) -> list[PointResult]:
 def _config(cell: Cell) -> dict[str, Any]:
     import dataclasses
 
-    return dataclasses.asdict(cell.config)
+    return json.loads(json.dumps(dataclasses.asdict(cell.config)))
 
 
 # ---------------------------------------------------------------- numbers → text
@@ -121,18 +126,29 @@ def table(points: list[PointResult], study: Study) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _diff(a: PointResult, b: PointResult, metric: str = "test_acc") -> tuple[float, float]:
+def _diff(a: PointResult, b: PointResult, metric: str = "test_acc") -> tuple[float, float, float]:
+    """Δ = mean_a − mean_b, its standard error √(s_a²/n_a + s_b²/n_b) and Welch's degrees of
+    freedom (nan where a side has fewer than two runs)."""
     ma, sa, na = a.mean_std(metric)
     mb, sb, nb = b.mean_std(metric)
-    se = math.sqrt(sa**2 / na + sb**2 / nb) if na > 1 and nb > 1 else math.nan
-    return ma - mb, se
+    if na < 2 or nb < 2:
+        return ma - mb, math.nan, math.nan
+    va, vb = sa**2 / na, sb**2 / nb
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1)) if se > 0 else math.inf
+    return ma - mb, se, df
 
 
-def _verdict(delta: float, se: float) -> str:
+def _verdict(delta: float, se: float, df: float) -> str:
+    """Welch's two-sided t-test at 5%: |Δ| ≤ t_0.975(df)·se reads "no detectable difference"."""
+    if math.isnan(delta):
+        return "not run yet"
     if math.isnan(se):
-        return "one seed, no error bar"
-    if abs(delta) < 2 * se:
-        return "no detectable difference (|Δ| < 2 se)"
+        return "fewer than two runs on a side, no error bar"
+    from scipy.stats import t
+
+    if abs(delta) <= t.ppf(0.975, df) * se:
+        return f"no detectable difference (Welch t-test, 5%, df = {df:.1f})"
     return "higher" if delta > 0 else "lower"
 
 
@@ -173,13 +189,13 @@ def answer(points: list[PointResult], study: Study) -> str:
         for p in ranked:
             if p is ref:
                 continue
-            d, se = _diff(p, ref)
+            d, se, df = _diff(p, ref)
             extra = ""
             pa, pr = p.finished[0].get("parameters"), ref.finished[0].get("parameters") if ref.finished else None
             if pa and pr and pa != pr:
                 extra = f"; {pa - pr:+d} parameters ({pa} vs {pr})"
             se_txt = "" if math.isnan(se) else f" ± {se:.4f} (se)"
-            lines.append(f"- {p.key}: Δ = {d:+.4f}{se_txt}: {_verdict(d, se)}{extra}"
+            lines.append(f"- {p.key}: Δ = {d:+.4f}{se_txt}: {_verdict(d, se, df)}{extra}"
                          + (f"; {p.diverged} run(s) diverged" if p.diverged else ""))
     elif kind == "lr":
         min_acc = float(study.analysis.get("min_train_acc", 0.5))
@@ -219,9 +235,9 @@ def answer(points: list[PointResult], study: Study) -> str:
             if ref_name in at_x:
                 for f, p in at_x.items():
                     if f != ref_name:
-                        d, se = _diff(p, at_x[ref_name])
+                        d, se, df = _diff(p, at_x[ref_name])
                         se_txt = "" if math.isnan(se) else f" ± {se:.4f} (se)"
-                        lines.append(f"- {f} vs {ref_name}: Δ = {d:+.4f}{se_txt}: {_verdict(d, se)}")
+                        lines.append(f"- {f} vs {ref_name}: Δ = {d:+.4f}{se_txt}: {_verdict(d, se, df)}")
     else:
         raise StudyError(f"{study.path}: analysis.kind must be compare, lr or batch, got {kind!r}")
     return "\n".join(lines) + "\n"
@@ -451,6 +467,7 @@ def make_report(study: Study, runs: Path, out: Path, echo: Callable[[str], None]
         figures += make(points, study, out)
     n_runs = sum(len(p.summaries) for p in points)
     missing = sum(p.missing for p in points)
+    mismatched = sum(p.mismatched for p in points)
     envs = sorted({f"{s.get('device')}, torch {s.get('torch')}" for p in points for s in p.summaries})
     quick = " --quick" if study.quick else ""
     md = [
@@ -462,6 +479,7 @@ def make_report(study: Study, runs: Path, out: Path, echo: Callable[[str], None]
         "",
         answer(points, study),
         f"{n_runs} runs over seeds {study.seeds}" + (f"; {missing} not run yet" if missing else "")
+        + (f" ({mismatched} folders hold runs made with other settings, left out)" if mismatched else "")
         + f"; {', '.join(envs)}. Mean ± sample std over seeds; n = finished runs.",
         "",
         "Reproduce:",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import fcntl
 import json
 import multiprocessing
 import os
@@ -35,19 +36,21 @@ def select_shard(cells: list[Cell], shard: tuple[int, int] | None) -> list[Cell]
 
 def cell_state(cell: Cell, out: Path) -> str:
     """"done" (summary.json), "partial" (checkpoint to resume), "new", or "mismatch" (the folder
-    holds a run made with other settings)."""
+    holds a run made with other settings; an unfinished run may differ in epochs only, as
+    resuming it runs to the new count)."""
     d = out / cell.run_name
     config_path = d / "config.json"
+    finished = (d / "summary.json").exists()
     if config_path.exists():
         try:
             saved = json.loads(config_path.read_text())
         except json.JSONDecodeError:
             saved = None
         wanted = json.loads(json.dumps(dataclasses.asdict(cell.config)))
-        if saved is not None and {k: v for k, v in saved.items() if k != "epochs"} != \
-                {k: v for k, v in wanted.items() if k != "epochs"}:
+        if saved is not None and (saved != wanted if finished else
+                                  {**saved, "epochs": 0} != {**wanted, "epochs": 0}):
             return "mismatch"
-    if (d / "summary.json").exists():
+    if finished:
         return "done"
     if (d / "checkpoint.pt").exists():
         return "partial"
@@ -56,11 +59,23 @@ def cell_state(cell: Cell, out: Path) -> str:
 
 def _run_cell(study_name: str, cell: Cell, out: str, device: str, data_dir: str | None,
               wandb_mode: str | None, download: bool, threads: int, data=None) -> dict:
-    """One cell, in this process; output to the cell's log.txt. Returns a short result."""
+    """One cell, in this process; output to the cell's log.txt. Returns a short result. A cell
+    another process is running (its lock is held) is left alone."""
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(out) / cell.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = (run_dir / ".lock").open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        return {"status": "busy", "error": "another exoticnorm process is running this cell", "seconds": 0.0}
+    with lock:
+        return _run_locked(study_name, cell, run_dir, device, data_dir, wandb_mode, download, data)
+
+
+def _run_locked(study_name, cell, run_dir, device, data_dir, wandb_mode, download, data) -> dict:
     resume = (run_dir / "checkpoint.pt").exists()
     orphan = run_dir / "metrics.jsonl"
     if not resume and orphan.exists():  # killed between an epoch's metrics and its checkpoint
@@ -107,7 +122,7 @@ def run_cells(
         "seeds": study.seeds, "axes": {a: [label for label, _ in v] for a, v in study.axes.items()},
     }, indent=2) + "\n")
     cells = select_shard(study.cells, shard)
-    counts = {"done": 0, "finished": 0, "diverged": 0, "failed": 0, "mismatch": 0}
+    counts = {"done": 0, "finished": 0, "diverged": 0, "failed": 0, "mismatch": 0, "busy": 0}
     todo = []
     for cell in cells:
         state = cell_state(cell, out)
@@ -138,11 +153,18 @@ def run_cells(
             data = _cached_data(cache, cell, device, data_dir, download)
             report(i, cell, _run_cell(args[0], cell, *args[1:], data=data))
     else:
+        if todo:  # find (or download) the dataset once, not in every worker at the same time
+            _cached_data({}, todo[0], device, data_dir, download)
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
             futures = {pool.submit(_run_cell, args[0], cell, *args[1:]): cell for cell in todo}
             for i, fut in enumerate(cf.as_completed(futures), 1):
-                report(i, futures[fut], fut.result())
+                try:
+                    result = fut.result()
+                except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory)
+                    result = {"status": "failed", "error": f"worker died: {type(exc).__name__}: {exc}",
+                              "seconds": 0.0}
+                report(i, futures[fut], result)
     return counts
 
 

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from exoticnorm import data
 from exoticnorm.cli import main
 from exoticnorm.grid import StudyError, load_study, parse_shard
-from exoticnorm.report import PointResult, answer, build_wandb_report, collect, make_report, wandb_report_for
+from exoticnorm.report import (PointResult, _diff, _verdict, answer, build_wandb_report, collect,
+                               wandb_report_for)
 from exoticnorm.runner import cell_state, run_cells, select_shard
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -103,6 +104,13 @@ def test_lr_region_grid_is_log_spaced_from_0_01_to_30_over_every_exotic_norm():
     ('question = "q"\n[quick]\ngrid = {lr = [0.1]}', "not an axis"),
     ('question = "q"\nseeds = 0', "positive integer"),
     ('question = "q', "not valid TOML"),
+    ('question = "q"\n[analysis]\nkind = "lr"', "needs analysis.x"),
+    ('question = "q"\n[analysis]\nkind = "best"', "analysis.kind must be"),
+    ('question = "q"\n[analysis]\nkind = "lr"\nx = "rate"', "analysis.x must be a setting"),
+    ('question = "q"\n[analysis]\nreference = "zz"\n[grid]\nnorm = ["bn"]', "analysis.reference 'zz'"),
+    ('question = "q"\n[analysis]\nfacet = "zz"\n[grid]\nnorm = ["bn"]', "analysis.facet must be a grid axis"),
+    ('question = "q"\n[base]\nlr = 0.2\n[grid]\na = [{label = "x", lr = 0.1}]\nb = [{label = "y", lr = 0.3}]',
+     "another axis"),
 ])
 def test_bad_study_files_get_clear_errors(tmp_path, text, message):
     path = write_study(tmp_path / "bad.toml", text)
@@ -161,18 +169,27 @@ def test_run_skips_finished_resumes_killed_and_keeps_mismatched(tmp_path, tiny, 
     assert counts["done"] == 8 and "0 to run" in log[0]
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
 
-    # the user edits the study: cells whose folder holds other settings are kept and reported
-    write_study(tiny, TINY.replace("batch_size = 64", "batch_size = 32"))
-    result = cli("run", tiny, "--out", out, "--data-dir", fake_data, "--no-download", "--device", "cpu")
-    assert result.exit_code == 1 and "holds a run made with other settings" in result.output
-    assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    # the user edits the study (other settings, or more epochs for finished runs): the folders
+    # are kept as they are, reported, and left out of the report
+    for edited in (TINY.replace("batch_size = 64", "batch_size = 32"), TINY.replace("epochs = 2", "epochs = 3")):
+        write_study(tiny, edited)
+        result = cli("run", tiny, "--out", out, "--data-dir", fake_data, "--no-download", "--device", "cpu")
+        assert result.exit_code == 1 and "holds a run made with other settings" in result.output
+        assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+        points = collect(load_study(tiny), out)
+        assert all(p.mismatched == 2 and not p.summaries for p in points)
+        result = cli("report", tiny, "--runs", out, "--out", tmp_path / "stale-report")
+        assert result.exit_code == 0 and "left out" in (tmp_path / "stale-report" / "README.md").read_text()
 
 
 def test_parallel_jobs_and_shards_match_sequential(tmp_path, tiny, fake_data):
     kw = dict(data_dir=str(fake_data), download=False, device="cpu", echo=lambda s: None)
     study = load_study(tiny, quick=True)
+    study = load_study(tiny, seeds=2, quick=True)  # 4 cells
     run_cells(study, tmp_path / "seq", **kw)
-    run_cells(study, tmp_path / "par", jobs=2, shard=(1, 1), **kw)
+    for i in (1, 2):  # two "machines", each running its shard with 2 processes
+        counts = run_cells(study, tmp_path / "par", jobs=2, shard=(i, 2), **kw)
+        assert counts["finished"] == 2
     for cell in study.cells:
         a = json.loads((tmp_path / "seq" / cell.run_name / "summary.json").read_text())
         b = json.loads((tmp_path / "par" / cell.run_name / "summary.json").read_text())
@@ -197,6 +214,11 @@ def test_sweep_export_and_run_cell(tmp_path, tiny, fake_data, monkeypatch):
     assert result.exit_code == 0, result.output
     assert json.loads((out / "none_lr-0.05-s1" / "summary.json").read_text())["config"]["seed"] == 1
     assert "no cell" in cli("run-cell", tiny, "--out", out, "--norm=gn", "--lr=lr-0.05", "--seed=0").output
+    assert "integer" in cli("run-cell", tiny, "--norm=bn", "--lr=lr-0.05", "--seed=one").output
+    # a sweep over more seeds than the study's passes them on to run-cell
+    cli("run", tiny, "--seeds", 4, "--export-sweep", sweep)
+    config = yaml.safe_load(sweep.read_text())
+    assert config["parameters"]["seed"] == {"values": [0, 1, 2, 3]} and "--seeds=4" in config["command"]
 
 
 # ------------------------------------------------------------------ reports
@@ -217,6 +239,12 @@ def test_compare_answer_states_difference_and_standard_error(tiny):
     text = answer([_point("ref", ref), _point("same", same, params=90), _point("worse", worse)], study)
     se = math.sqrt(statistics.variance(worse) / 3 + statistics.variance(ref) / 3)
     assert f"Δ = {statistics.mean(worse) - statistics.mean(ref):+.4f} ± {se:.4f} (se): lower" in text
+    # Welch: equal variances and n = 3 on both sides give df = 4, t_0.975 = 2.776
+    a, b = _point("a", [0.0, 0.1, 0.2]), _point("b", [0.2, 0.3, 0.4])
+    d, se, df = _diff(a, b)
+    assert df == pytest.approx(4.0) and se == pytest.approx(math.sqrt(2 * 0.01 / 3))
+    assert _verdict(d, se, df).startswith("no detectable")  # |Δ| = 0.2 ≤ 2.776 · 0.0816 = 0.227
+    assert _verdict(-0.3, se, df) == "lower" and _verdict(0.23, se, df) == "higher"
     assert "same: Δ = " in text and "no detectable difference" in text and "-10 parameters" in text
     assert "Highest mean test accuracy: **ref**" in text
     with pytest.raises(StudyError, match="analysis.reference"):
