@@ -41,7 +41,7 @@ from .train import RunError, StudyConfig
 __all__ = ["StudyError", "Cell", "Study", "load_study", "parse_shard"]
 
 FIELDS = {f.name for f in dataclasses.fields(StudyConfig)} - {"seed"}
-TOP_KEYS = {"name", "question", "seeds", "analysis", "base", "grid", "quick"}
+TOP_KEYS = {"name", "question", "notes", "seeds", "analysis", "base", "grid", "quick"}
 QUICK_KEYS = {"seeds", "base", "grid"}
 _SAFE = re.compile(r"^[A-Za-z0-9.+=-]+$")
 
@@ -80,6 +80,7 @@ class Study:
     axes: dict[str, list[tuple[str, dict[str, Any]]]]  # axis → [(label, fields)]
     base: dict[str, Any]
     quick: bool = False
+    notes: str = ""  # how to read the results (no numbers: those come from the runs)
     cells: list[Cell] = field(default_factory=list)
 
     @property
@@ -225,7 +226,7 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
     axes = {name: _axis(path, name, values) for name, values in grid.items()}
     study = Study(name=raw.get("name", path.stem), path=path, question=raw["question"].strip(),
                   seeds=list(range(n_seeds)), analysis=dict(raw.get("analysis", {})),
-                  axes=axes, base=base, quick=quick)
+                  axes=axes, base=base, quick=quick, notes=raw.get("notes", "").strip())
     points = list(itertools.product(*axes.values())) if axes else [()]
     _check_analysis(path, study.analysis, axes)
     for seed in study.seeds:  # seed-major: every grid point gets a first seed early

@@ -258,7 +258,8 @@ def _plt():
 def _save(fig, out: Path, name: str) -> list[str]:
     names = []
     for ext in FIGURE_FORMATS:
-        fig.savefig(out / f"{name}.{ext}", dpi=120, bbox_inches="tight")
+        meta = {"CreationDate": None} if ext == "pdf" else {}  # same figure, same file
+        fig.savefig(out / f"{name}.{ext}", dpi=120, bbox_inches="tight", metadata=meta)
         names.append(f"{name}.{ext}")
     _plt().close(fig)
     return names
@@ -478,6 +479,7 @@ def make_report(study: Study, runs: Path, out: Path, echo: Callable[[str], None]
         "## Answer (from the numbers below)",
         "",
         answer(points, study),
+        *([f"**Reading it.** {' '.join(study.notes.split())}", ""] if study.notes else []),
         f"{n_runs} runs over seeds {study.seeds}" + (f"; {missing} not run yet" if missing else "")
         + (f" ({mismatched} folders hold runs made with other settings, left out)" if mismatched else "")
         + f"; {', '.join(envs)}. Mean ± sample std over seeds; n = finished runs.",
