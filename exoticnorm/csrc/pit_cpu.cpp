@@ -174,6 +174,21 @@ struct Tables {
       d = span[i] * dt;
     }
   }
+
+  // g and dg/dx of row r (S values of channel c starting at x + r S), a chunk at a time:
+  // f(offset, len, g, d) for each chunk.
+  template <typename F>
+  inline void row(const T* x, int64_t r, int64_t S, int64_t c, F&& f) const {
+    const T cc = center[c], inv = T(1) / scale[c], half = T(K) / 2, top = T(K - 1);
+    T tb[kChunk], db[kChunk];
+    int32_t ib[kChunk];
+    for (int64_t s0 = r * S; s0 < (r + 1) * S; s0 += kChunk) {
+      const int64_t len = std::min(kChunk, (r + 1) * S - s0);
+      positions_slopes(x + s0, len, cc, inv, half, top, tb, ib, db);
+      for (int64_t j = 0; j < len; ++j) at(x[s0 + j], tb[j], ib[j], db[j], c, tb[j], db[j]);
+      f(s0, len, tb, db);
+    }
+  }
 };
 
 template <typename T>
@@ -202,19 +217,9 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % C;
         const scalar_t w = wp[c], b = bp[c];
-        const scalar_t cc = tab.center[c], inv = scalar_t(1) / tab.scale[c], half = scalar_t(tab.K) / 2;
-        const scalar_t top = scalar_t(tab.K - 1);
-        scalar_t tb[kChunk], db[kChunk];
-        int32_t ib[kChunk];
-        for (int64_t s0 = r * S; s0 < (r + 1) * S; s0 += kChunk) {
-          const int64_t len = std::min(kChunk, (r + 1) * S - s0);
-          positions_slopes(xp + s0, len, cc, inv, half, top, tb, ib, db);
-          for (int64_t j = 0; j < len; ++j) {
-            scalar_t g, d;
-            tab.at(xp[s0 + j], tb[j], ib[j], db[j], c, g, d);
-            yp[s0 + j] = w * g + b;
-          }
-        }
+        tab.row(xp, r, S, c, [&](int64_t s0, int64_t len, const scalar_t* g, const scalar_t*) {
+          for (int64_t j = 0; j < len; ++j) yp[s0 + j] = w * g[j] + b;
+        });
       }
     });
   });
@@ -243,19 +248,12 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
         const int64_t c = r % C;
         const scalar_t w = wp[c];
         double aw = 0.0, ab = 0.0;
-        const scalar_t cc = tab.center[c], inv = scalar_t(1) / tab.scale[c], half = scalar_t(tab.K) / 2;
-        const scalar_t top = scalar_t(tab.K - 1);
-        scalar_t tb[kChunk], db[kChunk];
-        int32_t ib[kChunk];
-        for (int64_t s0 = r * S; s0 < (r + 1) * S; s0 += kChunk) {
-          const int64_t len = std::min(kChunk, (r + 1) * S - s0);
-          positions_slopes(xp + s0, len, cc, inv, half, top, tb, ib, db);
+        tab.row(xp, r, S, c, [&](int64_t s0, int64_t len, const scalar_t* g, const scalar_t* d) {
           scalar_t fw = 0, fb = 0;
-          for (int64_t j = 0; j < len; ++j) tab.at(xp[s0 + j], tb[j], ib[j], db[j], c, tb[j], db[j]);  // g, dg/dx
-          grad_chunk(gyp + s0, tb, db, w, len, gxp + s0, &fw, &fb);
+          grad_chunk(gyp + s0, g, d, w, len, gxp + s0, &fw, &fb);
           aw += double(fw);
           ab += double(fb);
-        }
+        });
         sw[tid][c] += aw;
         sb[tid][c] += ab;
       }
