@@ -43,22 +43,28 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)  # of the sketch's buffers
 
 
 class _FusedPIT(torch.autograd.Function):
-    """The training transform as fused CPU passes (the histogram, then this forward; the backward
-    recomputes each value's bin from x). The tables are constants, as the bin counts are: the
-    gradient is the transform's local slope."""
+    """The training transform as fused CPU passes (``PITNorm._kernel_forward``: histogram, tables,
+    transform); the backward recomputes each value's bin from x. The tables are constants, as
+    the bin counts are: the gradient is the transform's local slope."""
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, kernel, *tables):
+    def forward(ctx, x3, weight, bias, norm, kernel):
+        y, tables = norm._kernel_forward(kernel, x3, weight.detach(), bias.detach())
         ctx.kernel = kernel
         ctx.save_for_backward(x3, weight, *tables)
-        return kernel.apply(x3, *tables, weight.detach(), bias.detach())
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         x3, weight, *tables = ctx.saved_tensors
         gx, gw, gb = ctx.kernel.backward(gy.contiguous(), x3, *tables, weight.detach())
-        return gx, gw, gb, None, *([None] * len(tables))
+        return gx, gw, gb, None, None
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 
 OUTPUTS = ("normal", "uniform")
 
@@ -101,55 +107,69 @@ class PITNorm(RunningStatsNorm):
         if hasattr(self, "sketch"):
             self.sketch.reset()
 
-    def _batch_tables(self, x3: Tensor) -> tuple[Tensor, ...]:
-        """The batch's transform as per-bin tables (C, K): output at a bin's bottom (lo), its
-        increase across the bin (span), and for a tie at the bin's bottom (has_atom, with the
-        tied value ``bottom``) the output of its mid-rank (atom). Updates the sketch: the batch
-        is counted on the current grid, then the grid follows the batch's moments (the first
-        batch sets the grid before it is counted)."""
-        k = self.bins
+    def _batch_sketch(self, x3: Tensor) -> tuple[QuantileSketch, bool]:
+        """The sketch whose grid the batch is counted on (a private one without running stats)
+        and whether it was fresh; a fresh grid is first set from this batch's moments."""
         sketch = self.sketch if self.track_running_stats else QuantileSketch(
-            self.num_features, k, None, device=x3.device)
+            self.num_features, self.bins, None, device=x3.device)
         fresh = not bool(sketch.ready.all())
         if fresh:
             sketch.follow(x3, dim=1)
-        # copies: the grid the batch is counted on is the one it is placed on, although the
-        # sketch's grid may follow this batch's moments before the transform runs
+        return sketch, fresh
+
+    def _kernel_forward(self, kernel, x3: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, tuple]:
+        """y and the tables the backward needs, from the fused CPU passes; updates the sketch
+        (the batch is counted on the current grid, then the grid follows the batch's moments)."""
+        sketch, fresh = self._batch_sketch(x3)
+        observe = self.training and self.track_running_stats
+        momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
+        normal = self.output == "normal"
+        if not _distributed():  # one C++ call
+            y, *tables, regrid, std = kernel.forward(
+                x3, sketch.center, sketch.scale, self.bins, normal, self.tail, sketch.cdf, sketch.weight,
+                sketch.mean, sketch.var, sketch.ready, momentum, sketch.regrid_shift, observe, not fresh,
+                weight, bias)
+            sketch.move_grids(regrid, std)
+            return y, tuple(tables)
         center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
-        kernel = pit_cpu() if x3.device.type == "cpu" and sketch.cdf.dtype in _KERNEL_DTYPES else None
-        if kernel is not None:
-            counts, bottom, ties, moments = kernel.histogram(x3, center, scale, k)
-        else:
-            values = x3.detach()
-            flat = sketch.bin_index(sketch.position(values, dim=1), dim=1).reshape(-1)
-            counts = sketch.count_index(flat).double()
-            values = values.reshape(-1)
-            bottom = values.new_full((self.num_features * k,), float("inf"))
-            bottom = bottom.scatter_reduce(0, flat, values, "amin", include_self=True)
-            ties = torch.zeros_like(bottom).scatter_add_(0, flat, (values == bottom[flat]).to(x3.dtype))
-            bottom, ties = bottom.view(-1, k), ties.view(-1, k)
-            v = x3.detach().double()
-            moments = torch.stack([torch.full_like(v[0, :, 0], v.numel() // v.shape[1]),
-                                   v.sum((0, 2)), (v * v).sum((0, 2))])
-        local_n = moments[:1].T if kernel is not None else counts.sum(1, keepdim=True)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            counts = counts.clone()
+        counts, bottom, ties, moments = kernel.histogram(x3, center, scale, self.bins)
+        dist.all_reduce(counts)
+        lo, span, tie, atom = kernel.tables(counts, ties, bottom, moments[0], normal, self.tail, sketch.cdf,
+                                            sketch.weight, momentum, observe)
+        if not fresh:
+            sketch.follow_moments(moments)
+        tables = (center, scale, lo, span, tie, atom)
+        return kernel.apply(x3, *tables, weight, bias), tables
+
+    def _torch_forward(self, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The same transform as torch ops (CUDA, or no compiler): y = γ (lo_k + span_k (t − k)) + β
+        at grid position t in bin k, atom_k for a tie at the bin's bottom; per-bin tables from
+        the batch's bin counts."""
+        sketch, fresh = self._batch_sketch(x3)
+        k, c = self.bins, self.num_features
+        # copies: the grid the batch is counted on is the one it is placed on, although the
+        # sketch's grid follows this batch's moments before the transform runs
+        center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
+        values = x3.detach()
+        z = (x3 - center.view(1, -1, 1)) / scale.view(1, -1, 1)
+        t = (z / (1.0 + z.abs()) + 1.0) * (0.5 * k)
+        bin_ = torch.nan_to_num(t.detach(), nan=0.0).floor().clamp_(0, k - 1)  # NaN stays NaN via t
+        flat = (bin_.long() + torch.arange(c, device=x3.device).view(1, -1, 1) * k).reshape(-1)
+        counts = sketch.count_index(flat).double()
+        local_n = counts.sum(1, keepdim=True)
+        bottom = values.new_full((c * k,), float("inf")).scatter_reduce(0, flat, values.reshape(-1), "amin")
+        tie = values.reshape(-1) == bottom[flat]
+        ties = torch.zeros_like(bottom).scatter_add_(0, flat, tie.to(x3.dtype)).view(c, k)
+        v = values.double()
+        moments = torch.stack([torch.full_like(v[0, :, 0], v.numel() // c), v.sum((0, 2)), (v * v).sum((0, 2))])
+        if _distributed():
             dist.all_reduce(counts)
-        if kernel is not None:  # all in one C++ call
-            observe = self.training and self.track_running_stats
-            momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
-            lo, span, atom, has_atom = kernel.tables(
-                counts, ties, local_n[:, 0], self.output == "normal", self.tail, sketch.cdf,
-                sketch.weight, momentum, observe, x3.dtype)
-            if not fresh:
-                sketch.follow_moments(moments)
-            return center, scale, lo, span, bottom, atom, has_atom
-        counts, ties, local_n = counts.to(x3.dtype), ties.to(x3.dtype), local_n.to(x3.dtype)
         if self.training and self.track_running_stats:
             sketch.observe(counts.to(sketch.cdf.dtype))
         if not fresh:
             sketch.follow_moments(moments)
-        edges = torch.cat([counts.new_zeros(self.num_features, 1), counts.cumsum(1)], 1) / counts.sum(1, keepdim=True)
+        counts, ties, local_n = counts.to(x3.dtype), ties.to(x3.dtype), local_n.to(x3.dtype)
+        edges = torch.cat([counts.new_zeros(c, 1), counts.cumsum(1)], 1) / counts.sum(1, keepdim=True)
         has_atom = ties > 1
         share = torch.where(has_atom, ties, 0.0) / local_n  # the tied values' part of the batch
         if self.output == "uniform":
@@ -161,26 +181,19 @@ class PITNorm(RunningStatsNorm):
             where = has_atom.nonzero(as_tuple=True)  # few bins (ReLU zeros): Φ⁻¹ only there
             lo[where] = ppf(edges[:, :-1][where] + share[where])
             atom[where] = ppf(edges[:, :-1][where] + share[where] / 2)
-        return center, scale, lo, (hi - lo).contiguous(), bottom.contiguous(), atom, has_atom
+        at = lambda table: table.flatten()[flat].view_as(t)  # noqa: E731
+        g = at(lo) + at(hi - lo) * (t - bin_)
+        g = torch.where(at(has_atom) & (x3 == bottom[flat].view_as(t)), at(atom), g)
+        return g * weight.view(1, -1, 1) + bias.view(1, -1, 1)
 
     def _train_transform(self, x3: Tensor) -> Tensor:
-        """y = γ (lo_k + span_k (t − k)) + β for x3 (N, C, S) at grid position t in bin k
-        (atom_k for a tie at the bin's bottom); fused on the CPU, torch ops elsewhere."""
-        center, scale, lo, span, bottom, atom, has_atom = self._batch_tables(x3)
+        """The training transform of x3 (N, C, S): fused on the CPU, torch ops elsewhere."""
         weight = (self.weight if self.affine else x3.new_ones(self.num_features)).to(x3.dtype)
         bias = (self.bias if self.affine else x3.new_zeros(self.num_features)).to(x3.dtype)
-        kernel = pit_cpu() if x3.device.type == "cpu" else None
+        kernel = pit_cpu() if x3.device.type == "cpu" and self.sketch.cdf.dtype in _KERNEL_DTYPES else None
         if kernel is not None:
-            return _FusedPIT.apply(x3, weight, bias, kernel, center, scale, lo, span, bottom, atom, has_atom)
-        k = self.bins
-        z = (x3 - center.view(1, -1, 1)) / scale.view(1, -1, 1)
-        t = (z / (1.0 + z.abs()) + 1.0) * (0.5 * k)
-        bin_ = torch.nan_to_num(t.detach(), nan=0.0).floor().clamp_(0, k - 1)  # NaN stays NaN via t
-        flat = (bin_.long() + torch.arange(self.num_features, device=x3.device).view(1, -1, 1) * k).reshape(-1)
-        g = lo.flatten()[flat].view_as(t) + span.flatten()[flat].view_as(t) * (t - bin_)
-        tie = has_atom.flatten()[flat].view_as(t) & (x3 == bottom.flatten()[flat].view_as(t))
-        g = torch.where(tie, atom.flatten()[flat].view_as(t), g)
-        return g * weight.view(1, -1, 1) + bias.view(1, -1, 1)
+            return _FusedPIT.apply(x3, weight, bias, self, kernel)
+        return self._torch_forward(x3, weight, bias)
 
     def _normalize(self, x: Tensor) -> Tensor:
         if self.uses_batch_stats and EF.values_per_channel(x) <= 1:

@@ -171,6 +171,12 @@ class QuantileSketch(nn.Module):
             return self._follow(moments.to(self.cdf.dtype))
         regrid, std = kernel.follow(moments.double(), self.mean, self.var, self.center, self.scale, self.ready,
                                     -1.0 if self.momentum is None else float(self.momentum), self.regrid_shift)
+        self.move_grids(regrid, std)
+
+    @torch.no_grad()
+    def move_grids(self, regrid: Tensor, std: Tensor) -> None:
+        """After the C++ follow (running moments already updated): move the grids of the
+        channels in ``regrid`` to (running mean, ``std``)."""
         if bool(regrid.any()):
             self._regrid(regrid, self.mean, std)
         self.ready.fill_(True)

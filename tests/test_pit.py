@@ -100,21 +100,30 @@ def test_fused_kernel_matches_torch_ops(output, shape, monkeypatch):
 
     if pit_cpu() is None:
         pytest.skip("no C++ compiler: the kernel is not built")
-    x = torch.relu(torch.randn(shape, dtype=torch.float64) + 0.3)
+    torch.manual_seed(1)
+    # three steps, the later ones shifted and scaled: the grid follows and moves between them
+    xs = [torch.relu(torch.randn(shape, dtype=torch.float64) * (1 + i) + 0.3 + 2 * i) for i in range(3)]
     results = []
     for off in ("0", "1"):
         monkeypatch.setenv("EXOTICNORM_NO_KERNELS", off)
         torch.manual_seed(0)
-        m = en.PITNorm(3, output=output, bins=40).double()
+        m = en.PITNorm(3, output=output, bins=40, momentum=0.5).double()
         with torch.no_grad():
             m.weight.uniform_(0.5, 2), m.bias.uniform_(-1, 1)
-        xi = x.clone().requires_grad_(True)
-        y = m(xi)
-        gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
-        y.backward(gy)
-        results.append((y.detach(), xi.grad, m.weight.grad, m.bias.grad, m.sketch.cdf.clone()))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        steps = []
+        for x in xs:
+            xi = x.clone().requires_grad_(True)
+            y = m(xi)
+            gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)
+            m.zero_grad()
+            y.backward(gy)
+            steps.append((y.detach(), xi.grad, m.weight.grad.clone(), m.bias.grad.clone(),
+                          *(b.clone() for b in m.sketch.buffers())))
+        results.append(steps)
+    assert not torch.equal(results[0][0][-7], results[0][2][-7]), "the grid did not move: the test lost its point"
+    for step_kernel, step_torch in zip(*results):
+        for a, b in zip(step_kernel, step_torch):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernels", ["0", "1"])

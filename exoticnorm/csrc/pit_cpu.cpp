@@ -3,6 +3,7 @@
 // its bin k = floor(t) clamped to [0, K-1] and its place in the bin t - k.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/Math.h>
 
 #include <algorithm>
 #include <cmath>
@@ -34,33 +35,6 @@ inline void positions(const T* v, int64_t len, T center, T inv, T half, T top, T
   }
   *s1 = a1;
   *s2 = a2;
-}
-
-// Grid positions t, bins and dt/dx of len values (vectorized).
-template <typename T>
-inline void positions_slopes(const T* v, int64_t len, T center, T inv, T half, T top, T* t, int32_t* bin, T* dt) {
-#pragma omp simd
-  for (int64_t j = 0; j < len; ++j) {
-    const T z = (v[j] - center) * inv;
-    const T a = T(1) + std::abs(z);
-    t[j] = half * (T(1) + z / a);
-    bin[j] = clamped_bin(t[j], top);
-    dt[j] = half * inv / (a * a);
-  }
-}
-
-// grad_x = grad_y w dg/dx over a chunk (vectorized), with sums of grad_y g and grad_y.
-template <typename T>
-inline void grad_chunk(const T* gy, const T* g, const T* d, T w, int64_t len, T* gx, T* sw, T* sb) {
-  T aw = 0, ab = 0;
-#pragma omp simd reduction(+ : aw, ab)
-  for (int64_t j = 0; j < len; ++j) {
-    gx[j] = gy[j] * w * d[j];
-    aw += gy[j] * g[j];
-    ab += gy[j];
-  }
-  *sw = aw;
-  *sb = ab;
 }
 
 void check(const torch::Tensor& x, const torch::Tensor& center, const torch::Tensor& scale) {
@@ -96,11 +70,12 @@ std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torc
         tie[tid].assign(CK, 0);
         bot[tid].assign(CK, std::numeric_limits<scalar_t>::infinity());
       }
+      std::vector<double> m(2 * C, 0.0);  // local: threads writing to shared lines would stall each other
       int32_t* ct = cnt[tid].data();
       int32_t* tt = tie[tid].data();
       scalar_t* bt = bot[tid].data();
-      for (int64_t n = begin; n < end; ++n) {
-        for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = 0; c < C; ++c) {  // channel-major: one channel's bins stay in L1
+        for (int64_t n = begin; n < end; ++n) {
           const scalar_t cc = cp[c], inv = scalar_t(1) / sp[c];
           const scalar_t* row = xp + (n * C + c) * S;
           const int64_t base = c * K;
@@ -114,19 +89,31 @@ std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torc
             positions(v, len, cc, inv, half, top, tb, ib, &f1, &f2);
             s1 += double(f1);
             s2 += double(f2);
+            // counts, and a list of the values at or below their bin's bottom so far: a branch on
+            // that test mispredicts too often (each new minimum), a list costs nothing
+            int32_t low[kChunk];
+            int64_t nl = 0;
             for (int64_t j = 0; j < len; ++j) {
               const int64_t i = base + ib[j];
               ct[i] += 1;
-              if (v[j] <= bt[i]) {  // rare after the first values: one compare on the hot path
-                tt[i] = v[j] == bt[i] ? tt[i] + 1 : 1;
+              low[nl] = static_cast<int32_t>(j);
+              nl += v[j] <= bt[i];
+            }
+            for (int64_t q = 0; q < nl; ++q) {  // bottoms only fall: no value left out can lower one
+              const int64_t j = low[q], i = base + ib[j];
+              if (v[j] < bt[i]) {
                 bt[i] = v[j];
+                tt[i] = 1;
+              } else if (v[j] == bt[i]) {
+                tt[i] += 1;
               }
             }
           }
-          mom[tid][c] += s1;
-          mom[tid][C + c] += s2;
+          m[c] += s1;
+          m[C + c] += s2;
         }
       }
+      for (int64_t i = 0; i < 2 * C; ++i) mom[tid][i] += m[i];
     });
     double* mo = moments.data_ptr<double>();
     for (int64_t c = 0; c < C; ++c) mo[c] = double(N * S);
@@ -155,71 +142,93 @@ std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torc
   return {counts, bottom, ties, moments};
 }
 
-// The transform of one value: g = lo + span * place in its bin, or atom for a tie at the bin's
-// bottom; d = dg/dx (0 for a tie).
+// One channel's transform: a value v at grid position t in bin k maps to
+// g = lo_k + span_k (t - k), or to atom_k when v equals tie_k (the bin's bottom when ties there
+// get a mid-rank, NaN otherwise); d = dg/dx (0 for a tie).
+template <typename T>
+struct Channel {
+  T center, inv, half, top;
+  const T *lo, *span, *tie, *atom;
+
+  inline void at(T v, T& g, T& d) const {
+    const T z = (v - center) * inv;
+    const T a = T(1) + std::abs(z);
+    const T t = half * (T(1) + z / a);
+    const int32_t k = clamped_bin(t, top);
+    // arithmetic, not branches, so that the loops over values vectorize (gathers for the tables)
+    const T span_k = span[k], m = T(v == tie[k]);  // m = 1 for a tie, else 0 (exact blends below)
+    g = m * atom[k] + (T(1) - m) * (lo[k] + span_k * (t - T(k)));
+    d = (T(1) - m) * span_k * half * inv / (a * a);
+  }
+};
+
 template <typename T>
 struct Tables {
-  const T *center, *scale, *lo, *span, *bottom, *atom;
-  const bool* has_atom;
+  const T *center, *scale, *lo, *span, *tie, *atom;
   int64_t K;
 
-  // g and dg/dx of value v at position t (slope dt) in channel c
-  inline void at(T v, T t, int32_t k, T dt, int64_t c, T& g, T& d) const {
-    const int64_t i = c * K + k;
-    if (has_atom[i] && v == bottom[i]) {
-      g = atom[i];
-      d = T(0);
-    } else {
-      g = lo[i] + span[i] * (t - T(k));
-      d = span[i] * dt;
-    }
-  }
-
-  // g and dg/dx of row r (S values of channel c starting at x + r S), a chunk at a time:
-  // f(offset, len, g, d) for each chunk.
-  template <typename F>
-  inline void row(const T* x, int64_t r, int64_t S, int64_t c, F&& f) const {
-    const T cc = center[c], inv = T(1) / scale[c], half = T(K) / 2, top = T(K - 1);
-    T tb[kChunk], db[kChunk];
-    int32_t ib[kChunk];
-    for (int64_t s0 = r * S; s0 < (r + 1) * S; s0 += kChunk) {
-      const int64_t len = std::min(kChunk, (r + 1) * S - s0);
-      positions_slopes(x + s0, len, cc, inv, half, top, tb, ib, db);
-      for (int64_t j = 0; j < len; ++j) at(x[s0 + j], tb[j], ib[j], db[j], c, tb[j], db[j]);
-      f(s0, len, tb, db);
-    }
+  Channel<T> channel(int64_t c) const {
+    return {center[c], T(1) / scale[c], T(K) / 2, T(K - 1), lo + c * K, span + c * K, tie + c * K, atom + c * K};
   }
 };
 
 template <typename T>
 Tables<T> tables_of(const torch::Tensor& center, const torch::Tensor& scale, const torch::Tensor& lo,
-                    const torch::Tensor& span, const torch::Tensor& bottom, const torch::Tensor& atom,
-                    const torch::Tensor& has_atom) {
-  TORCH_CHECK(lo.is_contiguous() && span.is_contiguous() && bottom.is_contiguous() && atom.is_contiguous() &&
-              has_atom.is_contiguous() && has_atom.scalar_type() == torch::kBool, "tables must be contiguous");
+                    const torch::Tensor& span, const torch::Tensor& tie, const torch::Tensor& atom) {
+  TORCH_CHECK(lo.is_contiguous() && span.is_contiguous() && tie.is_contiguous() && atom.is_contiguous() &&
+              lo.scalar_type() == center.scalar_type() && span.scalar_type() == lo.scalar_type() &&
+              tie.scalar_type() == lo.scalar_type() && atom.scalar_type() == lo.scalar_type(),
+              "tables must be contiguous, of x's dtype");
   return {center.data_ptr<T>(), scale.data_ptr<T>(), lo.data_ptr<T>(), span.data_ptr<T>(),
-          bottom.data_ptr<T>(), atom.data_ptr<T>(), has_atom.data_ptr<bool>(), lo.size(1)};
+          tie.data_ptr<T>(), atom.data_ptr<T>(), lo.size(1)};
+}
+
+// y = w_c g + b_c over a row of len values (vectorized: the table reads become gathers).
+// y = w_c g + b_c over a row of len values (vectorized: the table reads become gathers).
+template <typename T>
+void apply_row(const Channel<T>& ch, const T* __restrict x, int64_t len, T w, T b, T* __restrict y) {
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) {
+    T g, d;
+    ch.at(x[j], g, d);
+    y[j] = w * g + b;
+  }
+}
+
+// grad_x = grad_y w dg/dx over len <= kChunk values, with sums of grad_y g and grad_y. Two
+// loops, as GCC vectorizes neither half when the tables' reads and the sums share one.
+template <typename T>
+void grad_row(const Channel<T>& ch, const T* __restrict x, const T* __restrict gy, int64_t len, T w,
+              T* __restrict gx, T* sw, T* sb) {
+  T gb[kChunk], db[kChunk];
+#pragma omp simd
+  for (int64_t j = 0; j < len; ++j) ch.at(x[j], gb[j], db[j]);
+  T aw = 0, ab = 0;
+#pragma omp simd reduction(+ : aw, ab)
+  for (int64_t j = 0; j < len; ++j) {
+    gx[j] = gy[j] * w * db[j];
+    aw += gy[j] * gb[j];
+    ab += gy[j];
+  }
+  *sw = aw;
+  *sb = ab;
 }
 
 // y = w_c g + b_c.
 torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, torch::Tensor lo, torch::Tensor span,
-                    torch::Tensor bottom, torch::Tensor atom, torch::Tensor has_atom, torch::Tensor weight,
-                    torch::Tensor bias) {
+                    torch::Tensor tie, torch::Tensor atom, torch::Tensor weight, torch::Tensor bias) {
   check(x, center, scale);
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   auto y = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_apply", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, bottom, atom, has_atom);
+    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t *wp = weight.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % C;
-        const scalar_t w = wp[c], b = bp[c];
-        tab.row(xp, r, S, c, [&](int64_t s0, int64_t len, const scalar_t* g, const scalar_t*) {
-          for (int64_t j = 0; j < len; ++j) yp[s0 + j] = w * g[j] + b;
-        });
+        apply_row(tab.channel(c), xp + r * S, S, wp[c], bp[c], yp + r * S);
       }
     });
   });
@@ -228,8 +237,8 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
 
 // grad_x = grad_y w_c dg/dx, grad_w_c = sum grad_y g, grad_b_c = sum grad_y (g recomputed from x).
 std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Tensor center, torch::Tensor scale,
-                                    torch::Tensor lo, torch::Tensor span, torch::Tensor bottom, torch::Tensor atom,
-                                    torch::Tensor has_atom, torch::Tensor weight) {
+                                    torch::Tensor lo, torch::Tensor span, torch::Tensor tie, torch::Tensor atom,
+                                    torch::Tensor weight) {
   check(x, center, scale);
   TORCH_CHECK(gy.is_contiguous() && gy.sizes() == x.sizes(), "grad must be contiguous and shaped like x");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
@@ -237,25 +246,28 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
   auto gw = torch::zeros({C}, x.options().dtype(torch::kFloat64));
   auto gb = torch::zeros({C}, x.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_backward", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, bottom, atom, has_atom);
+    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom);
     const scalar_t *gyp = gy.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     const int threads = at::get_num_threads();
     std::vector<std::vector<double>> sw(threads, std::vector<double>(C, 0.0)), sb(threads, std::vector<double>(C, 0.0));
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
+      std::vector<double> lw(C, 0.0), lb(C, 0.0);  // local, as in histogram
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % C;
-        const scalar_t w = wp[c];
-        double aw = 0.0, ab = 0.0;
-        tab.row(xp, r, S, c, [&](int64_t s0, int64_t len, const scalar_t* g, const scalar_t* d) {
+        const auto ch = tab.channel(c);
+        for (int64_t s0 = r * S; s0 < (r + 1) * S; s0 += kChunk) {  // float sums over a chunk, double across
+          const int64_t len = std::min(kChunk, (r + 1) * S - s0);
           scalar_t fw = 0, fb = 0;
-          grad_chunk(gyp + s0, g, d, w, len, gxp + s0, &fw, &fb);
-          aw += double(fw);
-          ab += double(fb);
-        });
-        sw[tid][c] += aw;
-        sb[tid][c] += ab;
+          grad_row(ch, xp + s0, gyp + s0, len, wp[c], gxp + s0, &fw, &fb);
+          lw[c] += double(fw);
+          lb[c] += double(fb);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        sw[tid][c] += lw[c];
+        sb[tid][c] += lb[c];
       }
     });
     double *gwp = gw.data_ptr<double>(), *gbp = gb.data_ptr<double>();
@@ -268,88 +280,81 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
   return {gx, gw.to(gy.scalar_type()), gb.to(gy.scalar_type())};
 }
 
-// The per-bin tables from the batch's bin counts (C, K, summed over ranks), the ties at each bin's
-// bottom and the local count per channel: lo (output at the bin's bottom), span (increase across
-// the bin), atom (output of a tie's mid-rank), has_atom; outputs through clamp + ndtri when
-// normal. With observe, the sketch's edge CDF (C, K-1) and weight (C) take the batch in place:
-// cdf += f (batch - cdf), f = n / (weight + n) (cumulative, momentum < 0) or momentum.
-std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torch::Tensor local_n, bool normal,
-                                  double tail, torch::Tensor cdf, torch::Tensor weight, double momentum,
-                                  bool observe, torch::ScalarType dtype) {
+// The sketch's edge CDF (K-1 values of one channel) and weight take a batch of n values with bin
+// counts cp: cdf += f (batch - cdf), f = n / (weight + n) (cumulative, momentum < 0) or momentum.
+template <typename S>
+void observe_channel(S* cdf, S* weight, const double* cp, int64_t K, double n, double momentum) {
+  const double w = *weight;
+  const S f = momentum < 0.0 ? n / std::max(w + n, 1.0) : (w == 0.0 ? 1.0 : momentum);
+  const double total = std::max(n, 1.0);
+  double cum = 0.0;
+  for (int64_t k = 0; k < K - 1; ++k) {
+    cum += cp[k];
+    cdf[k] = cdf[k] + f * (static_cast<S>(cum / total) - cdf[k]);
+  }
+  *weight = static_cast<S>(w + n);
+}
+
+// The per-bin tables (C, K) from the batch's bin counts (summed over ranks), each bin's bottom
+// value and ties there, and the local count per channel: lo (output at the bin's bottom), span
+// (increase across the bin), tie (the bottom where several values tie there, NaN elsewhere) and
+// atom (output of the ties' mid-rank). Outputs are the batch CDF G, or Phi^-1(clamp(G, tail,
+// 1 - tail)) when normal. With observe, the sketch's cdf (C, K-1) and weight (C) take the batch.
+std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torch::Tensor bottom, torch::Tensor local_n,
+                                  bool normal, double tail, torch::Tensor cdf, torch::Tensor weight, double momentum,
+                                  bool observe) {
   TORCH_CHECK(counts.scalar_type() == torch::kFloat64 && ties.scalar_type() == torch::kFloat64 &&
-              local_n.scalar_type() == torch::kFloat64, "counts, ties and local_n must be float64");
+              local_n.scalar_type() == torch::kFloat64 && counts.is_contiguous() && ties.is_contiguous() &&
+              bottom.is_contiguous(), "counts, ties and local_n must be contiguous float64");
   TORCH_CHECK(cdf.scalar_type() == weight.scalar_type() && cdf.is_contiguous() && weight.is_contiguous(),
               "the sketch's cdf and weight must be contiguous, of one dtype");
   const int64_t C = counts.size(0), K = counts.size(1);
-  auto edges = torch::empty({C, K + 1}, counts.options());
+  auto lo = torch::empty({C, K}, bottom.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
+       atom = torch::empty_like(lo);
   const double *cp = counts.data_ptr<double>(), *tp = ties.data_ptr<double>(), *lp = local_n.data_ptr<double>();
-  double* ep = edges.data_ptr<double>();
-  std::vector<int64_t> atoms;
-  for (int64_t c = 0; c < C; ++c) {
-    double n = 0.0;
-    for (int64_t k = 0; k < K; ++k) n += cp[c * K + k];
-    const double inv = 1.0 / n;
-    double run = 0.0;
-    ep[c * (K + 1)] = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      run += cp[c * K + k];
-      ep[c * (K + 1) + k + 1] = run * inv;
-      if (tp[c * K + k] > 1.0) atoms.push_back(c * K + k);
-    }
-    if (observe) {
-      AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_observe", [&] {
-        scalar_t *fp = cdf.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
-        const double w = wp[c];
-        const scalar_t f = momentum < 0.0 ? n / std::max(w + n, 1.0) : (w == 0.0 ? 1.0 : momentum);
-        const double total = std::max(n, 1.0);
-        double cum = 0.0;
-        for (int64_t k = 0; k < K - 1; ++k) {
-          cum += cp[c * K + k];
-          scalar_t& v = fp[c * (K - 1) + k];
-          v = v + f * (static_cast<scalar_t>(cum / total) - v);
+  AT_DISPATCH_FLOATING_TYPES(bottom.scalar_type(), "pit_tables", [&] {
+    using T = scalar_t;
+    const T* bp = bottom.data_ptr<T>();
+    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
+    auto out = [&](double u) { return normal ? calc_ndtri(std::min(std::max(u, tail), 1.0 - tail)) : u; };
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> G(K + 1), O(K + 1);  // the batch CDF at the edges, and its output
+      for (int64_t c = begin; c < end; ++c) {
+        const double* cc = cp + c * K;
+        double n = 0.0, run = 0.0;
+        for (int64_t k = 0; k < K; ++k) n += cc[k];
+        G[0] = 0.0;
+        O[0] = out(0.0);
+        for (int64_t k = 0; k < K; ++k) {
+          run += cc[k];
+          G[k + 1] = run / n;
+          O[k + 1] = cc[k] == 0.0 ? O[k] : out(G[k + 1]);  // empty bins repeat their edge
         }
-        wp[c] = static_cast<scalar_t>(w + n);
-      });
-    }
-  }
-  // the tied values' share of the batch, and the u values a tie-carrying bin needs
-  const int64_t A = static_cast<int64_t>(atoms.size());
-  auto atom_u = torch::empty({2, A}, counts.options());
-  double* au = atom_u.data_ptr<double>();
-  for (int64_t j = 0; j < A; ++j) {
-    const int64_t i = atoms[j], c = i / K, k = i % K;
-    const double share = tp[i] / lp[c], base = ep[c * (K + 1) + k];
-    au[j] = base + share;
-    au[A + j] = base + share / 2;
-  }
-  torch::Tensor out_edges = edges, out_atoms = atom_u;
-  if (normal) {
-    out_edges = at::special_ndtri(edges.clamp(tail, 1.0 - tail));
-    if (A) out_atoms = at::special_ndtri(atom_u.clamp(tail, 1.0 - tail));
-  }
-  auto out = counts.options().dtype(dtype);
-  auto lo = torch::empty({C, K}, out), span = torch::empty({C, K}, out), atom = torch::empty({C, K}, out);
-  auto has_atom = torch::zeros({C, K}, counts.options().dtype(torch::kBool));
-  AT_DISPATCH_FLOATING_TYPES(dtype, "pit_tables", [&] {
-    const double *oe = out_edges.data_ptr<double>(), *oa = out_atoms.data_ptr<double>();
-    scalar_t *lop = lo.data_ptr<scalar_t>(), *spp = span.data_ptr<scalar_t>(), *ap = atom.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t k = 0; k < K; ++k) {
-        const double e0 = oe[c * (K + 1) + k], e1 = oe[c * (K + 1) + k + 1];
-        lop[c * K + k] = scalar_t(e0);
-        ap[c * K + k] = scalar_t(e0);
-        spp[c * K + k] = scalar_t(e1 - e0);
+        if (observe) {
+          AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_observe", [&] {
+            observe_channel(cdf.data_ptr<scalar_t>() + c * (K - 1), weight.data_ptr<scalar_t>() + c, cc, K, n,
+                            momentum);
+          });
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t i = c * K + k;
+          if (tp[i] > 1.0) {  // the tied values' share of the batch
+            const double share = tp[i] / lp[c], bottom_out = out(G[k] + share);
+            lop[i] = T(bottom_out);
+            spp[i] = T(O[k + 1] - bottom_out);
+            tip[i] = bp[i];
+            ap[i] = T(out(G[k] + share / 2));
+          } else {
+            lop[i] = T(O[k]);
+            spp[i] = T(O[k + 1] - O[k]);
+            tip[i] = std::numeric_limits<T>::quiet_NaN();
+            ap[i] = T(O[k]);
+          }
+        }
       }
-    bool* hp = has_atom.data_ptr<bool>();
-    for (int64_t j = 0; j < A; ++j) {
-      const int64_t i = atoms[j], c = i / K, k = i % K;
-      hp[i] = true;
-      lop[i] = scalar_t(oa[j]);
-      spp[i] = scalar_t(oe[c * (K + 1) + k + 1] - oa[j]);
-      ap[i] = scalar_t(oa[A + j]);
-    }
+    });
   });
-  return {lo, span, atom, has_atom};
+  return {lo, span, tie, atom};
 }
 
 // QuantileSketch._follow on the CPU: from a batch's moments (3, C: count, sum, sum of squares)
@@ -387,7 +392,28 @@ std::vector<torch::Tensor> follow(torch::Tensor moments, torch::Tensor mean, tor
   return {regrid, stdev};
 }
 
+// The whole training forward of one process in one call: the histogram on a copy of the grid,
+// the tables (observing the batch into the sketch), with do_follow the grid follow, and y.
+// Returns y, the grid copy and tables the backward needs, and follow's (regrid, std) for the
+// caller to move the grids (regrid all false without do_follow).
+std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
+                                   double tail, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
+                                   torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
+                                   bool do_follow, torch::Tensor weight, torch::Tensor bias) {
+  auto c0 = center.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  auto s0 = scale.to(x.scalar_type(), false, true);
+  auto hist = histogram(x, c0, s0, K);  // counts, bottom, ties, moments
+  auto moments = hist[3];
+  auto tab = tables(hist[0], hist[2], hist[1], moments[0], normal, tail, cdf, sketch_weight, momentum,
+                    observe);  // lo, span, tie, atom
+  std::vector<torch::Tensor> moved = {torch::zeros({x.size(1)}, ready.options()), torch::Tensor()};
+  if (do_follow) moved = follow(moments, mean, var, center, scale, ready, momentum, shift);
+  auto y = apply(x, c0, s0, tab[0], tab[1], tab[2], tab[3], weight, bias);
+  return {y, c0, s0, tab[0], tab[1], tab[2], tab[3], moved[0], moved[1]};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "PIT: histogram, tables, follow and transform in one call");
   m.def("histogram", &histogram, "PIT: bin counts, bin bottoms, ties at the bottom, moments");
   m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine");
   m.def("tables", &tables, "PIT: per-bin tables from counts and ties, observing the batch into the sketch");
