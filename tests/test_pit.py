@@ -95,7 +95,7 @@ def test_registered_and_in_lenet():
 @pytest.mark.parametrize("shape", [(64, 3), (16, 3, 20), (8, 3, 6, 5), (4, 3, 2, 3, 4)])
 def test_fused_kernel_matches_torch_ops(output, shape, monkeypatch):
     """The C++ training transform against the pure-torch one (CUDA's path): outputs, gradients
-    of x, γ and β, and the sketch, with ReLU-style ties in the input."""
+    of x, γ and β, and the sketch, over three steps, with ReLU-style ties in some channels."""
     from exoticnorm.kernels import pit_cpu
 
     if pit_cpu() is None:
@@ -103,6 +103,8 @@ def test_fused_kernel_matches_torch_ops(output, shape, monkeypatch):
     torch.manual_seed(1)
     # three steps, the later ones shifted and scaled: the grid follows and moves between them
     xs = [torch.relu(torch.randn(shape, dtype=torch.float64) * (1 + i) + 0.3 + 2 * i) for i in range(3)]
+    for x in xs:  # channel 0 without ties (the kernel's two-table loops), the others with
+        x[:, 0] = torch.randn_like(x[:, 0]) + 1
     results = []
     for off in ("0", "1"):
         monkeypatch.setenv("EXOTICNORM_NO_KERNELS", off)

@@ -1,6 +1,13 @@
 // Fused CPU passes of PITNorm's training transform (see exoticnorm/pit.py for the math).
 // x is (N, C, S) contiguous; a value's grid position is t = K/2 (1 + z/(1+|z|)), z = (x-c)/s,
 // its bin k = floor(t) clamped to [0, K-1] and its place in the bin t - k.
+//
+// The work is per channel: count the channel's values on its grid, build its tables (observing
+// the batch into the sketch, and letting its grid follow), transform its values. `forward` does
+// all of it for one channel in one task, so the values are still in cache when transformed;
+// with fewer channels than threads a channel's rows are counted and transformed in blocks.
+// `histogram`, `tables`, `follow` and `apply` are the same steps one at a time (the distributed
+// path sums the counts of all ranks in between).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/Math.h>
@@ -8,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -43,122 +51,266 @@ void check(const torch::Tensor& x, const torch::Tensor& center, const torch::Ten
   TORCH_CHECK(center.numel() == x.size(1) && scale.numel() == x.size(1), "one grid per channel");
 }
 
-}  // namespace
+// Blocks of rows per channel: 1 when every thread can take whole channels.
+int64_t row_blocks(int64_t N, int64_t C) {
+  const int64_t threads = at::get_num_threads();
+  return C >= threads ? 1 : std::max<int64_t>(1, std::min<int64_t>(N, (threads + C - 1) / C));
+}
 
-// Bin counts (C, K), each bin's smallest value and how many values equal it (ties at a bin's
-// bottom), and each channel's moments (3, C): count, sum, sum of squares.
-std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K) {
-  check(x, center, scale);
-  const int64_t N = x.size(0), C = x.size(1), S = x.size(2), CK = C * K;
-  auto counts = torch::zeros({C, K}, x.options().dtype(torch::kFloat64));
-  auto moments = torch::zeros({3, C}, x.options().dtype(torch::kFloat64));
-  auto bottom = torch::empty({C, K}, x.options());
-  auto ties = torch::zeros({C, K}, x.options().dtype(torch::kFloat64));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_histogram", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* cp = center.data_ptr<scalar_t>();
-    const scalar_t* sp = scale.data_ptr<scalar_t>();
-    const scalar_t half = scalar_t(K) / 2, top = scalar_t(K - 1);
-    const int threads = at::get_num_threads();
-    std::vector<std::vector<int32_t>> cnt(threads), tie(threads);
-    std::vector<std::vector<double>> mom(threads, std::vector<double>(2 * C, 0.0));
-    std::vector<std::vector<scalar_t>> bot(threads);
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      const int tid = at::get_thread_num();
-      if (cnt[tid].empty()) {
-        cnt[tid].assign(CK, 0);
-        tie[tid].assign(CK, 0);
-        bot[tid].assign(CK, std::numeric_limits<scalar_t>::infinity());
-      }
-      std::vector<double> m(2 * C, 0.0);  // local: threads writing to shared lines would stall each other
-      int32_t* ct = cnt[tid].data();
-      int32_t* tt = tie[tid].data();
-      scalar_t* bt = bot[tid].data();
-      for (int64_t c = 0; c < C; ++c) {  // channel-major: one channel's bins stay in L1
-        for (int64_t n = begin; n < end; ++n) {
-          const scalar_t cc = cp[c], inv = scalar_t(1) / sp[c];
-          const scalar_t* row = xp + (n * C + c) * S;
-          const int64_t base = c * K;
-          double s1 = 0.0, s2 = 0.0;
-          scalar_t tb[kChunk];
-          int32_t ib[kChunk];
-          for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
-            const int64_t len = std::min(kChunk, S - s0);
-            const scalar_t* v = row + s0;
-            scalar_t f1 = 0, f2 = 0;
-            positions(v, len, cc, inv, half, top, tb, ib, &f1, &f2);
-            s1 += double(f1);
-            s2 += double(f2);
-            // counts, and a list of the values at or below their bin's bottom so far: a branch on
-            // that test mispredicts too often (each new minimum), a list costs nothing
-            int32_t low[kChunk];
-            int64_t nl = 0;
-            for (int64_t j = 0; j < len; ++j) {
-              const int64_t i = base + ib[j];
-              ct[i] += 1;
-              low[nl] = static_cast<int32_t>(j);
-              nl += v[j] <= bt[i];
-            }
-            for (int64_t q = 0; q < nl; ++q) {  // bottoms only fall: no value left out can lower one
-              const int64_t j = low[q], i = base + ib[j];
-              if (v[j] < bt[i]) {
-                bt[i] = v[j];
-                tt[i] = 1;
-              } else if (v[j] == bt[i]) {
-                tt[i] += 1;
-              }
-            }
-          }
-          m[c] += s1;
-          m[C + c] += s2;
+// Rows [begin, end) of block b out of B.
+inline std::pair<int64_t, int64_t> block_rows(int64_t N, int64_t b, int64_t B) {
+  return {N * b / B, N * (b + 1) / B};
+}
+
+// --- counting ---------------------------------------------------------------------------------
+
+// One channel's counts over some rows: values per bin, each bin's smallest value and how many
+// values equal it (ties at the bin's bottom), and the sum of the values and of their squares.
+template <typename T>
+struct Counts {
+  std::vector<int32_t> n, ties;
+  std::vector<T> bottom;
+  double s1 = 0.0, s2 = 0.0;
+
+  void reset(int64_t K) {
+    n.assign(K, 0);
+    ties.assign(K, 0);
+    bottom.assign(K, std::numeric_limits<T>::infinity());
+    s1 = s2 = 0.0;
+  }
+
+  // Rows [n0, n1) of channel c of x (N, C, S), on the grid (center, 1/scale).
+  void add(const T* x, int64_t C, int64_t S, int64_t c, int64_t n0, int64_t n1, T center, T inv) {
+    const int64_t K = static_cast<int64_t>(n.size());
+    const T half = T(K) / 2, top = T(K - 1);
+    int32_t* ct = n.data();
+    int32_t* tt = ties.data();
+    T* bt = bottom.data();
+    T tb[kChunk];
+    int32_t ib[kChunk], low[kChunk];
+    for (int64_t r = n0; r < n1; ++r) {
+      const T* row = x + (r * C + c) * S;
+      for (int64_t s0 = 0; s0 < S; s0 += kChunk) {
+        const int64_t len = std::min(kChunk, S - s0);
+        const T* v = row + s0;
+        T f1 = 0, f2 = 0;
+        positions(v, len, center, inv, half, top, tb, ib, &f1, &f2);
+        s1 += double(f1);  // float sums over a chunk, double across
+        s2 += double(f2);
+        // counts, and a list of the values at or below their bin's bottom so far: a branch on
+        // that test mispredicts too often (each new minimum), a list costs nothing
+        int64_t nl = 0;
+        for (int64_t j = 0; j < len; ++j) {
+          ct[ib[j]] += 1;
+          low[nl] = static_cast<int32_t>(j);
+          nl += v[j] <= bt[ib[j]];
         }
-      }
-      for (int64_t i = 0; i < 2 * C; ++i) mom[tid][i] += m[i];
-    });
-    double* mo = moments.data_ptr<double>();
-    for (int64_t c = 0; c < C; ++c) mo[c] = double(N * S);
-    for (int t = 0; t < threads; ++t)
-      for (int64_t c = 0; c < C; ++c) {
-        mo[C + c] += mom[t][c];
-        mo[2 * C + c] += mom[t][C + c];
-      }
-    double* co = counts.data_ptr<double>();
-    double* to = ties.data_ptr<double>();
-    scalar_t* bo = bottom.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < CK; ++i) bo[i] = std::numeric_limits<scalar_t>::infinity();
-    for (int t = 0; t < threads; ++t) {
-      if (cnt[t].empty()) continue;
-      for (int64_t i = 0; i < CK; ++i) {
-        co[i] += double(cnt[t][i]);
-        if (bot[t][i] < bo[i]) {
-          bo[i] = bot[t][i];
-          to[i] = double(tie[t][i]);
-        } else if (bot[t][i] == bo[i]) {
-          to[i] += double(tie[t][i]);
+        for (int64_t q = 0; q < nl; ++q) {  // bottoms only fall: no value left out can lower one
+          const int64_t j = low[q], k = ib[j];
+          if (v[j] < bt[k]) {
+            bt[k] = v[j];
+            tt[k] = 1;
+          } else if (v[j] == bt[k]) {
+            tt[k] += 1;
+          }
         }
       }
     }
+  }
+
+  // Fold in the counts of other rows of the same channel.
+  void merge(const Counts& o) {
+    for (size_t k = 0; k < n.size(); ++k) {
+      n[k] += o.n[k];
+      if (o.bottom[k] < bottom[k]) {
+        bottom[k] = o.bottom[k];
+        ties[k] = o.ties[k];
+      } else if (o.bottom[k] == bottom[k]) {
+        ties[k] += o.ties[k];
+      }
+    }
+    s1 += o.s1;
+    s2 += o.s2;
+  }
+};
+
+// Count every channel of x, then done(c, counts) for each channel, in parallel over channels
+// (with B > 1 blocks of rows per channel, the blocks are counted in parallel and merged first).
+template <typename T, typename F>
+void count_channels(const T* x, int64_t N, int64_t C, int64_t S, int64_t K, const T* center, const T* scale,
+                    int64_t B, F&& done) {
+  if (B == 1) {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      Counts<T> counts;
+      for (int64_t c = begin; c < end; ++c) {
+        counts.reset(K);
+        counts.add(x, C, S, c, 0, N, center[c], T(1) / scale[c]);
+        done(c, counts);
+      }
+    });
+    return;
+  }
+  std::vector<Counts<T>> parts(C * B);
+  at::parallel_for(0, C * B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t c = task / B;
+      const auto [n0, n1] = block_rows(N, task % B, B);
+      parts[task].reset(K);
+      parts[task].add(x, C, S, c, n0, n1, center[c], T(1) / scale[c]);
+    }
   });
-  return {counts, bottom, ties, moments};
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t b = 1; b < B; ++b) parts[c * B].merge(parts[c * B + b]);
+      done(c, parts[c * B]);
+    }
+  });
 }
+
+// --- tables -------------------------------------------------------------------------------------
+
+// The output of a CDF value u: Phi^-1(clamp(u, tail, 1 - tail)) when normal, else u; with the
+// outputs at j / n, j = 0..n, cached for channels of n <= K values (fc layers: few values, many
+// bins), whose edges take only those values.
+struct Output {
+  bool normal;
+  double tail;
+  int64_t count_n = -1;
+  std::vector<double> at_count;
+
+  double operator()(double u) const {
+    return normal ? calc_ndtri(std::min(std::max(u, tail), 1.0 - tail)) : u;
+  }
+
+  void cache_counts(double n, int64_t K) {
+    if (n > 0 && n <= double(K) && n == std::floor(n)) {
+      count_n = static_cast<int64_t>(n);
+      at_count.resize(count_n + 1);
+      for (int64_t j = 0; j <= count_n; ++j) at_count[j] = (*this)(double(j) / n);
+    }
+  }
+
+  const double* by_count(double n) const { return n == double(count_n) ? at_count.data() : nullptr; }
+};
+
+// One channel's tables (K values each) from its bin counts (summed over ranks), the ties at each
+// bin's bottom, the bottoms and the channel's local count: lo (output at the bin's bottom), span
+// (increase across the bin), tie (the bottom where several values tie there, NaN elsewhere) and
+// atom (output of the ties' mid-rank). Outputs are of the batch CDF G at the bin edges.
+template <typename T, typename Count>
+void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double local_n, int64_t K, const Output& out,
+                    std::vector<double>& edge_out, T* lo, T* span, T* tie, T* atom) {
+  double n = 0.0;
+  for (int64_t k = 0; k < K; ++k) n += double(cnt[k]);
+  edge_out.resize(K + 1);
+  double* O = edge_out.data();
+  const double* by_count = out.by_count(n);
+  double run = 0.0;
+  O[0] = out(0.0);
+  for (int64_t k = 0; k < K; ++k) {
+    const double before = run;
+    run += double(cnt[k]);
+    if (by_count) {
+      O[k + 1] = by_count[static_cast<int64_t>(run)];
+    } else {
+      O[k + 1] = run == before ? O[k] : out(run / n);  // empty bins repeat their edge
+    }
+  }
+  run = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double below = run / n;  // G at the bin's bottom edge
+    run += double(cnt[k]);
+    if (double(ties[k]) > 1.0) {  // the tied values' share of the batch
+      const double share = double(ties[k]) / local_n, bottom_out = out(below + share);
+      lo[k] = T(bottom_out);
+      span[k] = T(O[k + 1] - bottom_out);
+      tie[k] = bottom[k];
+      atom[k] = T(out(below + share / 2));
+    } else {
+      lo[k] = T(O[k]);
+      span[k] = T(O[k + 1] - O[k]);
+      tie[k] = std::numeric_limits<T>::quiet_NaN();
+      atom[k] = T(O[k]);
+    }
+  }
+}
+
+// --- the sketch ---------------------------------------------------------------------------------
+
+// The sketch's buffers (QuantileSketch: cdf (C, K-1), weight, mean, var, center, scale, ready).
+struct Sketch {
+  torch::Tensor cdf, weight, mean, var, center, scale, ready;
+  double momentum, shift;  // momentum < 0: cumulative
+};
+
+// Channel c's edge CDF and weight take a batch of n values with bin counts cnt:
+// cdf += f (batch - cdf), f = n / (weight + n) (cumulative) or momentum (the first batch: 1).
+template <typename S, typename Count>
+void observe_channel(const Sketch& sk, int64_t c, const Count* cnt, int64_t K, double n) {
+  S* cdf = sk.cdf.data_ptr<S>() + c * (K - 1);
+  S& weight = sk.weight.data_ptr<S>()[c];
+  const double w = weight;
+  const S f = sk.momentum < 0.0 ? n / std::max(w + n, 1.0) : (w == 0.0 ? 1.0 : sk.momentum);
+  const double total = std::max(n, 1.0);
+  double cum = 0.0;
+  for (int64_t k = 0; k < K - 1; ++k) {
+    cum += double(cnt[k]);
+    cdf[k] = cdf[k] + f * (static_cast<S>(cum / total) - cdf[k]);
+  }
+  weight = static_cast<S>(w + n);
+}
+
+// QuantileSketch._follow for channel c, from the batch's count, sum and sum of squares: the
+// running mean and var are set by the first batch, then lerp with momentum (kept in the
+// cumulative mode); returns whether the grid must move, and to which std.
+template <typename S>
+bool follow_channel(const Sketch& sk, int64_t c, double count, double sum, double sumsq, S* stdev) {
+  S& mu = sk.mean.data_ptr<S>()[c];
+  S& va = sk.var.data_ptr<S>()[c];
+  const S center = sk.center.data_ptr<S>()[c], scale = sk.scale.data_ptr<S>()[c];
+  const bool ready = sk.ready.data_ptr<bool>()[c];
+  const S n = S(count), m = S(sum) / n, v = std::max(S(sumsq) / n - m * m, S(0));
+  if (!ready) {
+    mu = m;
+    va = v;
+  } else if (sk.momentum >= 0.0) {
+    mu = mu + S(sk.momentum) * (m - mu);
+    va = va + S(sk.momentum) * (v - va);
+  }
+  const S sd = std::max(std::sqrt(va), std::numeric_limits<S>::epsilon() * std::max(std::abs(mu), S(1)));
+  *stdev = sd;
+  const bool moved = std::abs(mu - center) > S(sk.shift) * scale || std::abs(sd / scale - 1) > S(sk.shift);
+  return !ready || (moved && sk.momentum >= 0.0);
+}
+
+// --- the transform ------------------------------------------------------------------------------
 
 // One channel's transform: a value v at grid position t in bin k maps to
 // g = lo_k + span_k (t - k), or to atom_k when v equals tie_k (the bin's bottom when ties there
 // get a mid-rank, NaN otherwise); d = dg/dx (0 for a tie).
+// (Ties: whether the channel has any; without, its loops read two tables instead of four.)
 template <typename T>
 struct Channel {
   T center, inv, half, top;
   const T *lo, *span, *tie, *atom;
+  bool ties;
 
+  template <bool Ties>
   inline void at(T v, T& g, T& d) const {
     const T z = (v - center) * inv;
     const T a = T(1) + std::abs(z);
     const T t = half * (T(1) + z / a);
     const int32_t k = clamped_bin(t, top);
-    // arithmetic, not branches, so that the loops over values vectorize (gathers for the tables)
-    const T span_k = span[k], m = T(v == tie[k]);  // m = 1 for a tie, else 0 (exact blends below)
-    g = m * atom[k] + (T(1) - m) * (lo[k] + span_k * (t - T(k)));
-    d = (T(1) - m) * span_k * half * inv / (a * a);
+    const T span_k = span[k];
+    if constexpr (Ties) {
+      // arithmetic, not branches, so that the loops over values vectorize (gathers for the tables)
+      const T m = T(v == tie[k]);  // m = 1 for a tie, else 0 (exact blends below)
+      g = m * atom[k] + (T(1) - m) * (lo[k] + span_k * (t - T(k)));
+      d = (T(1) - m) * span_k * half * inv / (a * a);
+    } else {
+      g = lo[k] + span_k * (t - T(k));
+      d = span_k * half * inv / (a * a);
+    }
   }
 };
 
@@ -166,32 +318,55 @@ template <typename T>
 struct Tables {
   const T *center, *scale, *lo, *span, *tie, *atom;
   int64_t K;
+  std::vector<char> ties;  // per channel: any tie (a non-NaN tie value)
 
   Channel<T> channel(int64_t c) const {
-    return {center[c], T(1) / scale[c], T(K) / 2, T(K - 1), lo + c * K, span + c * K, tie + c * K, atom + c * K};
+    return {center[c], T(1) / scale[c], T(K) / 2, T(K - 1), lo + c * K, span + c * K, tie + c * K, atom + c * K,
+            ties.empty() || ties[c] != 0};
+  }
+
+  void find_ties() {
+    const int64_t C = static_cast<int64_t>(ties.size());
+    for (int64_t c = 0; c < C; ++c) ties[c] = std::any_of(tie + c * K, tie + (c + 1) * K, [](T v) { return v == v; });
   }
 };
 
+// The tables; with find, which channels have ties (else every channel is taken to have some).
 template <typename T>
 Tables<T> tables_of(const torch::Tensor& center, const torch::Tensor& scale, const torch::Tensor& lo,
-                    const torch::Tensor& span, const torch::Tensor& tie, const torch::Tensor& atom) {
+                    const torch::Tensor& span, const torch::Tensor& tie, const torch::Tensor& atom, bool find) {
   TORCH_CHECK(lo.is_contiguous() && span.is_contiguous() && tie.is_contiguous() && atom.is_contiguous() &&
               lo.scalar_type() == center.scalar_type() && span.scalar_type() == lo.scalar_type() &&
               tie.scalar_type() == lo.scalar_type() && atom.scalar_type() == lo.scalar_type(),
               "tables must be contiguous, of x's dtype");
-  return {center.data_ptr<T>(), scale.data_ptr<T>(), lo.data_ptr<T>(), span.data_ptr<T>(),
-          tie.data_ptr<T>(), atom.data_ptr<T>(), lo.size(1)};
+  Tables<T> tab{center.data_ptr<T>(), scale.data_ptr<T>(), lo.data_ptr<T>(), span.data_ptr<T>(),
+                tie.data_ptr<T>(), atom.data_ptr<T>(), lo.size(1), {}};
+  if (find) {
+    tab.ties.resize(lo.size(0));
+    tab.find_ties();
+  }
+  return tab;
 }
 
-// y = w_c g + b_c over a row of len values (vectorized: the table reads become gathers).
-// y = w_c g + b_c over a row of len values (vectorized: the table reads become gathers).
-template <typename T>
+// y = w g + b over a row of len values (vectorized: the table reads become gathers).
+template <bool Ties, typename T>
 void apply_row(const Channel<T>& ch, const T* __restrict x, int64_t len, T w, T b, T* __restrict y) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     T g, d;
-    ch.at(x[j], g, d);
+    ch.template at<Ties>(x[j], g, d);
     y[j] = w * g + b;
+  }
+}
+
+// y = w_c g + b_c for rows [n0, n1) of channel c.
+template <typename T>
+void apply_rows(const Tables<T>& tab, const T* x, int64_t C, int64_t S, int64_t c, int64_t n0, int64_t n1, T w, T b,
+                T* y) {
+  const auto ch = tab.channel(c);
+  for (int64_t r = n0; r < n1; ++r) {
+    const int64_t o = (r * C + c) * S;
+    ch.ties ? apply_row<true>(ch, x + o, S, w, b, y + o) : apply_row<false>(ch, x + o, S, w, b, y + o);
   }
 }
 
@@ -201,8 +376,13 @@ template <typename T>
 void grad_row(const Channel<T>& ch, const T* __restrict x, const T* __restrict gy, int64_t len, T w,
               T* __restrict gx, T* sw, T* sb) {
   T gb[kChunk], db[kChunk];
+  if (ch.ties) {
 #pragma omp simd
-  for (int64_t j = 0; j < len; ++j) ch.at(x[j], gb[j], db[j]);
+    for (int64_t j = 0; j < len; ++j) ch.template at<true>(x[j], gb[j], db[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) ch.template at<false>(x[j], gb[j], db[j]);
+  }
   T aw = 0, ab = 0;
 #pragma omp simd reduction(+ : aw, ab)
   for (int64_t j = 0; j < len; ++j) {
@@ -214,6 +394,93 @@ void grad_row(const Channel<T>& ch, const T* __restrict x, const T* __restrict g
   *sb = ab;
 }
 
+}  // namespace
+
+// Bin counts (C, K), each bin's smallest value and how many values equal it (ties at a bin's
+// bottom), and each channel's moments (3, C): count, sum, sum of squares.
+std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K) {
+  check(x, center, scale);
+  const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
+  auto counts = torch::empty({C, K}, x.options().dtype(torch::kFloat64));
+  auto ties = torch::empty({C, K}, x.options().dtype(torch::kFloat64));
+  auto moments = torch::empty({3, C}, x.options().dtype(torch::kFloat64));
+  auto bottom = torch::empty({C, K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_histogram", [&] {
+    double *co = counts.data_ptr<double>(), *to = ties.data_ptr<double>(), *mo = moments.data_ptr<double>();
+    scalar_t* bo = bottom.data_ptr<scalar_t>();
+    count_channels(x.data_ptr<scalar_t>(), N, C, S, K, center.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(),
+                   row_blocks(N, C), [&](int64_t c, const Counts<scalar_t>& cn) {
+                     std::copy(cn.n.begin(), cn.n.end(), co + c * K);
+                     std::copy(cn.ties.begin(), cn.ties.end(), to + c * K);
+                     std::copy(cn.bottom.begin(), cn.bottom.end(), bo + c * K);
+                     mo[c] = double(N * S);
+                     mo[C + c] = cn.s1;
+                     mo[2 * C + c] = cn.s2;
+                   });
+  });
+  return {counts, bottom, ties, moments};
+}
+
+// The per-bin tables (C, K) from bin counts (summed over ranks), ties, bottoms and each
+// channel's local count (see channel_tables), with outputs G or Phi^-1(clamp(G, tail, 1 - tail))
+// when normal. With observe, the sketch's cdf and weight take the batch (momentum < 0:
+// cumulative).
+std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torch::Tensor bottom, torch::Tensor local_n,
+                                  bool normal, double tail, torch::Tensor cdf, torch::Tensor weight, double momentum,
+                                  bool observe) {
+  TORCH_CHECK(counts.scalar_type() == torch::kFloat64 && ties.scalar_type() == torch::kFloat64 &&
+              local_n.scalar_type() == torch::kFloat64 && counts.is_contiguous() && ties.is_contiguous() &&
+              bottom.is_contiguous() && local_n.is_contiguous(), "counts, ties and local_n must be contiguous float64");
+  TORCH_CHECK(cdf.scalar_type() == weight.scalar_type() && cdf.is_contiguous() && weight.is_contiguous(),
+              "the sketch's cdf and weight must be contiguous, of one dtype");
+  const int64_t C = counts.size(0), K = counts.size(1);
+  auto lo = torch::empty({C, K}, bottom.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
+       atom = torch::empty_like(lo);
+  const Sketch sk{cdf, weight, {}, {}, {}, {}, {}, momentum, 0.0};
+  const double *cp = counts.data_ptr<double>(), *tp = ties.data_ptr<double>(), *lp = local_n.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(bottom.scalar_type(), "pit_tables", [&] {
+    using T = scalar_t;
+    const T* bp = bottom.data_ptr<T>();
+    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
+    Output out{normal, tail};
+    if (C > 0) out.cache_counts(std::accumulate(cp, cp + K, 0.0), K);  // channels are counted alike
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> edge_out;
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t o = c * K;
+        channel_tables(cp + o, tp + o, bp + o, lp[c], K, out, edge_out, lop + o, spp + o, tip + o, ap + o);
+        if (observe) {
+          double n = 0.0;
+          for (int64_t k = 0; k < K; ++k) n += cp[o + k];
+          AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_observe", [&] {
+            observe_channel<scalar_t>(sk, c, cp + o, K, n);
+          });
+        }
+      }
+    });
+  });
+  return {lo, span, tie, atom};
+}
+
+// QuantileSketch._follow on the CPU: from a batch's moments (3, C: count, sum, sum of squares)
+// update the running mean and var in place and return (regrid, std): the channels whose grid
+// must move, and the std to move it to.
+std::vector<torch::Tensor> follow(torch::Tensor moments, torch::Tensor mean, torch::Tensor var, torch::Tensor center,
+                                  torch::Tensor scale, torch::Tensor ready, double momentum, double shift) {
+  TORCH_CHECK(moments.scalar_type() == torch::kFloat64 && ready.scalar_type() == torch::kBool, "bad follow arguments");
+  const int64_t C = mean.numel();
+  auto regrid = torch::zeros({C}, ready.options());
+  auto stdev = torch::empty_like(mean);
+  const Sketch sk{{}, {}, mean, var, center, scale, ready, momentum, shift};
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "pit_follow", [&] {
+    const double* mp = moments.data_ptr<double>();
+    bool* rg = regrid.data_ptr<bool>();
+    for (int64_t c = 0; c < C; ++c)
+      rg[c] = follow_channel<scalar_t>(sk, c, mp[c], mp[C + c], mp[2 * C + c], stdev.data_ptr<scalar_t>() + c);
+  });
+  return {regrid, stdev};
+}
+
 // y = w_c g + b_c.
 torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, torch::Tensor lo, torch::Tensor span,
                     torch::Tensor tie, torch::Tensor atom, torch::Tensor weight, torch::Tensor bias) {
@@ -221,18 +488,70 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   auto y = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_apply", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom);
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t *wp = weight.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
+    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, true);
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t c = r % C;
-        apply_row(tab.channel(c), xp + r * S, S, wp[c], bp[c], yp + r * S);
-      }
+      for (int64_t r = begin; r < end; ++r) apply_rows(tab, xp, C, S, r % C, r / C, r / C + 1, wp[r % C], bp[r % C], yp);
     });
   });
   return y;
+}
+
+// The whole training forward of one process in one call, channel by channel: the counts on a
+// copy of the grid, the tables (observing the batch into the sketch when observe), with
+// do_follow the grid follow, and y. Returns y, the grid copy and the tables the backward needs,
+// and follow's (regrid, std) for the caller to move the grids (regrid all false without
+// do_follow).
+std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
+                                   double tail, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
+                                   torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
+                                   bool do_follow, torch::Tensor weight, torch::Tensor bias) {
+  auto c0 = center.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+  auto s0 = scale.to(x.scalar_type(), false, true);
+  check(x, c0, s0);
+  TORCH_CHECK(cdf.scalar_type() == sketch_weight.scalar_type() && cdf.scalar_type() == mean.scalar_type() &&
+              cdf.is_contiguous() && ready.scalar_type() == torch::kBool, "the sketch's buffers must be of one dtype");
+  const int64_t N = x.size(0), C = x.size(1), S = x.size(2), B = row_blocks(N, C);
+  auto lo = torch::empty({C, K}, x.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
+       atom = torch::empty_like(lo), y = torch::empty_like(x);
+  auto regrid = torch::zeros({C}, ready.options());
+  auto stdev = scale.clone();
+  const Sketch sk{cdf, sketch_weight, mean, var, center, scale, ready, momentum, shift};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_forward", [&] {
+    using T = scalar_t;
+    const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    auto tab = tables_of<T>(c0, s0, lo, span, tie, atom, false);
+    tab.ties.assign(C, 1);  // set per channel once its tables are built
+    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
+    bool* rg = regrid.data_ptr<bool>();
+    const double n = double(N * S);
+    Output out{normal, tail};
+    out.cache_counts(n, K);
+    count_channels(xp, N, C, S, K, c0.data_ptr<T>(), s0.data_ptr<T>(), B, [&](int64_t c, const Counts<T>& cn) {
+      std::vector<double> edge_out;
+      const int64_t o = c * K;
+      channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), n, K, out, edge_out, lop + o, spp + o, tip + o,
+                     ap + o);
+      tab.ties[c] = std::any_of(cn.ties.begin(), cn.ties.end(), [](int32_t m) { return m > 1; });
+      AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
+        if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, n);
+        if (do_follow) rg[c] = follow_channel<scalar_t>(sk, c, n, cn.s1, cn.s2, stdev.data_ptr<scalar_t>() + c);
+      });
+      if (B == 1) apply_rows(tab, xp, C, S, c, 0, N, wp[c], bp[c], yp);  // its values still in cache
+    });
+    if (B > 1) {
+      at::parallel_for(0, C * B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t c = task / B;
+          const auto [n0, n1] = block_rows(N, task % B, B);
+          apply_rows(tab, xp, C, S, c, n0, n1, wp[c], bp[c], yp);
+        }
+      });
+    }
+  });
+  return {y, c0, s0, lo, span, tie, atom, regrid, stdev};
 }
 
 // grad_x = grad_y w_c dg/dx, grad_w_c = sum grad_y g, grad_b_c = sum grad_y (g recomputed from x).
@@ -246,14 +565,14 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
   auto gw = torch::zeros({C}, x.options().dtype(torch::kFloat64));
   auto gb = torch::zeros({C}, x.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_backward", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom);
+    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, true);
     const scalar_t *gyp = gy.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     const int threads = at::get_num_threads();
     std::vector<std::vector<double>> sw(threads, std::vector<double>(C, 0.0)), sb(threads, std::vector<double>(C, 0.0));
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       const int tid = at::get_thread_num();
-      std::vector<double> lw(C, 0.0), lb(C, 0.0);  // local, as in histogram
+      std::vector<double> lw(C, 0.0), lb(C, 0.0);  // local: threads writing to shared lines stall each other
       for (int64_t r = begin; r < end; ++r) {
         const int64_t c = r % C;
         const auto ch = tab.channel(c);
@@ -280,143 +599,11 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
   return {gx, gw.to(gy.scalar_type()), gb.to(gy.scalar_type())};
 }
 
-// The sketch's edge CDF (K-1 values of one channel) and weight take a batch of n values with bin
-// counts cp: cdf += f (batch - cdf), f = n / (weight + n) (cumulative, momentum < 0) or momentum.
-template <typename S>
-void observe_channel(S* cdf, S* weight, const double* cp, int64_t K, double n, double momentum) {
-  const double w = *weight;
-  const S f = momentum < 0.0 ? n / std::max(w + n, 1.0) : (w == 0.0 ? 1.0 : momentum);
-  const double total = std::max(n, 1.0);
-  double cum = 0.0;
-  for (int64_t k = 0; k < K - 1; ++k) {
-    cum += cp[k];
-    cdf[k] = cdf[k] + f * (static_cast<S>(cum / total) - cdf[k]);
-  }
-  *weight = static_cast<S>(w + n);
-}
-
-// The per-bin tables (C, K) from the batch's bin counts (summed over ranks), each bin's bottom
-// value and ties there, and the local count per channel: lo (output at the bin's bottom), span
-// (increase across the bin), tie (the bottom where several values tie there, NaN elsewhere) and
-// atom (output of the ties' mid-rank). Outputs are the batch CDF G, or Phi^-1(clamp(G, tail,
-// 1 - tail)) when normal. With observe, the sketch's cdf (C, K-1) and weight (C) take the batch.
-std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torch::Tensor bottom, torch::Tensor local_n,
-                                  bool normal, double tail, torch::Tensor cdf, torch::Tensor weight, double momentum,
-                                  bool observe) {
-  TORCH_CHECK(counts.scalar_type() == torch::kFloat64 && ties.scalar_type() == torch::kFloat64 &&
-              local_n.scalar_type() == torch::kFloat64 && counts.is_contiguous() && ties.is_contiguous() &&
-              bottom.is_contiguous(), "counts, ties and local_n must be contiguous float64");
-  TORCH_CHECK(cdf.scalar_type() == weight.scalar_type() && cdf.is_contiguous() && weight.is_contiguous(),
-              "the sketch's cdf and weight must be contiguous, of one dtype");
-  const int64_t C = counts.size(0), K = counts.size(1);
-  auto lo = torch::empty({C, K}, bottom.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
-       atom = torch::empty_like(lo);
-  const double *cp = counts.data_ptr<double>(), *tp = ties.data_ptr<double>(), *lp = local_n.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(bottom.scalar_type(), "pit_tables", [&] {
-    using T = scalar_t;
-    const T* bp = bottom.data_ptr<T>();
-    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
-    auto out = [&](double u) { return normal ? calc_ndtri(std::min(std::max(u, tail), 1.0 - tail)) : u; };
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> G(K + 1), O(K + 1);  // the batch CDF at the edges, and its output
-      for (int64_t c = begin; c < end; ++c) {
-        const double* cc = cp + c * K;
-        double n = 0.0, run = 0.0;
-        for (int64_t k = 0; k < K; ++k) n += cc[k];
-        G[0] = 0.0;
-        O[0] = out(0.0);
-        for (int64_t k = 0; k < K; ++k) {
-          run += cc[k];
-          G[k + 1] = run / n;
-          O[k + 1] = cc[k] == 0.0 ? O[k] : out(G[k + 1]);  // empty bins repeat their edge
-        }
-        if (observe) {
-          AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_observe", [&] {
-            observe_channel(cdf.data_ptr<scalar_t>() + c * (K - 1), weight.data_ptr<scalar_t>() + c, cc, K, n,
-                            momentum);
-          });
-        }
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t i = c * K + k;
-          if (tp[i] > 1.0) {  // the tied values' share of the batch
-            const double share = tp[i] / lp[c], bottom_out = out(G[k] + share);
-            lop[i] = T(bottom_out);
-            spp[i] = T(O[k + 1] - bottom_out);
-            tip[i] = bp[i];
-            ap[i] = T(out(G[k] + share / 2));
-          } else {
-            lop[i] = T(O[k]);
-            spp[i] = T(O[k + 1] - O[k]);
-            tip[i] = std::numeric_limits<T>::quiet_NaN();
-            ap[i] = T(O[k]);
-          }
-        }
-      }
-    });
-  });
-  return {lo, span, tie, atom};
-}
-
-// QuantileSketch._follow on the CPU: from a batch's moments (3, C: count, sum, sum of squares)
-// update the running mean and var in place (set by the first batch; lerp with momentum, or kept
-// after the first batch when momentum < 0, the cumulative mode) and return (regrid, std): the
-// channels whose grid must move, and the std to move it to.
-std::vector<torch::Tensor> follow(torch::Tensor moments, torch::Tensor mean, torch::Tensor var, torch::Tensor center,
-                                  torch::Tensor scale, torch::Tensor ready, double momentum, double shift) {
-  TORCH_CHECK(moments.scalar_type() == torch::kFloat64 && ready.scalar_type() == torch::kBool, "bad follow arguments");
-  const int64_t C = mean.numel();
-  auto regrid = torch::zeros({C}, ready.options());
-  auto stdev = torch::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "pit_follow", [&] {
-    const double* mp = moments.data_ptr<double>();
-    scalar_t *mu = mean.data_ptr<scalar_t>(), *va = var.data_ptr<scalar_t>(), *sd = stdev.data_ptr<scalar_t>();
-    const scalar_t *ce = center.data_ptr<scalar_t>(), *sc = scale.data_ptr<scalar_t>();
-    const bool* rd = ready.data_ptr<bool>();
-    bool* rg = regrid.data_ptr<bool>();
-    const scalar_t eps = std::numeric_limits<scalar_t>::epsilon();
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t n = scalar_t(mp[c]), m = scalar_t(mp[C + c]) / n;
-      const scalar_t v = std::max(scalar_t(mp[2 * C + c]) / n - m * m, scalar_t(0));
-      if (!rd[c]) {
-        mu[c] = m;
-        va[c] = v;
-      } else if (momentum >= 0.0) {
-        mu[c] = mu[c] + scalar_t(momentum) * (m - mu[c]);
-        va[c] = va[c] + scalar_t(momentum) * (v - va[c]);
-      }
-      sd[c] = std::max(std::sqrt(va[c]), eps * std::max(std::abs(mu[c]), scalar_t(1)));
-      const bool moved = std::abs(mu[c] - ce[c]) > scalar_t(shift) * sc[c] || std::abs(sd[c] / sc[c] - 1) > scalar_t(shift);
-      rg[c] = !rd[c] || (moved && momentum >= 0.0);
-    }
-  });
-  return {regrid, stdev};
-}
-
-// The whole training forward of one process in one call: the histogram on a copy of the grid,
-// the tables (observing the batch into the sketch), with do_follow the grid follow, and y.
-// Returns y, the grid copy and tables the backward needs, and follow's (regrid, std) for the
-// caller to move the grids (regrid all false without do_follow).
-std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
-                                   double tail, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
-                                   torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
-                                   bool do_follow, torch::Tensor weight, torch::Tensor bias) {
-  auto c0 = center.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-  auto s0 = scale.to(x.scalar_type(), false, true);
-  auto hist = histogram(x, c0, s0, K);  // counts, bottom, ties, moments
-  auto moments = hist[3];
-  auto tab = tables(hist[0], hist[2], hist[1], moments[0], normal, tail, cdf, sketch_weight, momentum,
-                    observe);  // lo, span, tie, atom
-  std::vector<torch::Tensor> moved = {torch::zeros({x.size(1)}, ready.options()), torch::Tensor()};
-  if (do_follow) moved = follow(moments, mean, var, center, scale, ready, momentum, shift);
-  auto y = apply(x, c0, s0, tab[0], tab[1], tab[2], tab[3], weight, bias);
-  return {y, c0, s0, tab[0], tab[1], tab[2], tab[3], moved[0], moved[1]};
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "PIT: histogram, tables, follow and transform in one call");
+  m.def("forward", &forward, "PIT: counts, tables, sketch update and transform in one call");
   m.def("histogram", &histogram, "PIT: bin counts, bin bottoms, ties at the bottom, moments");
-  m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine");
   m.def("tables", &tables, "PIT: per-bin tables from counts and ties, observing the batch into the sketch");
   m.def("follow", &follow, "QuantileSketch: running moments and which grids move");
+  m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine");
   m.def("backward", &backward, "PIT: gradients of x, weight and bias");
 }
