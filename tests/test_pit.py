@@ -91,9 +91,19 @@ def test_registered_and_in_lenet():
     assert type(en.convert_norms(torch.nn.BatchNorm2d(4), "pit")) is en.PITNorm
 
 
+@pytest.fixture
+def threads(request):
+    """torch's thread count for one test (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("output", ["uniform", "normal"])
 @pytest.mark.parametrize("shape", [(64, 3), (16, 3, 20), (8, 3, 6, 5), (4, 3, 2, 3, 4)])
-def test_fused_kernel_matches_torch_ops(output, shape, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 8], indirect=True)  # 8 > 3 channels: rows in blocks
+def test_fused_kernel_matches_torch_ops(output, shape, threads, monkeypatch):
     """The C++ training transform against the pure-torch one (CUDA's path): outputs, gradients
     of x, γ and β, and the sketch, over three steps, with ReLU-style ties in some channels."""
     from exoticnorm.kernels import pit_cpu
