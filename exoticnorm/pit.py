@@ -10,9 +10,10 @@ to G_k + (t − k)(G_{k+1} − G_k), whose slope is the batch histogram density 
 the data, zero in empty bins and outside the data). Ties at the bottom of a bin, such as the
 zeros after a ReLU, take their mid-rank G_k + m/(2n) (m tied values out of n). With
 ``output="normal"`` the map is g(G_k) + (t − k)(g(G_{k+1}) − g(G_k)): exact at every bin edge,
-linear in between, so one table lookup per value and no Φ⁻¹ per value. On the CPU the
-histogram and the transform are two fused C++ passes (``exoticnorm/csrc/pit_cpu.cpp``) and
-the backward one; elsewhere the same math runs as torch ops. Eval: F is the
+linear in between, so one table lookup per value and no Φ⁻¹ per value. On the CPU one C++
+call counts, builds the tables, updates the sketch and transforms, channel by channel
+(``exoticnorm/csrc/pit_cpu.cpp``), and the backward is one pass; elsewhere the same math runs
+as torch ops. Eval: F is the
 running sketch mixed with a little of the grid's own heavy-tailed shape,
 F = (1 − 2ε) F_sketch + 2ε·u_grid with ε = 1/(n + 2) after n values (the mass the sketch
 cannot have seen), so values beyond anything seen still map in order (graded, unclipped
