@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import functional as EF
+
 __all__ = ["Norm", "RunningStatsNorm", "InputError"]
 
 _RANKS = "(N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W)"
@@ -95,7 +97,37 @@ class Norm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
+        if x.numel() == 0:  # as torch: an empty batch gives an empty output, statistics untouched
+            return EF.affine_normalize(x, None, None, self.weight, self.bias, 0.0).clone()
+        if self.uses_batch_stats:
+            self._check_batch(x)
         return self._normalize(x)
+
+    #: True for norms that compute statistics over the batch (they need 2+ values per channel)
+    batch_statistics = False
+    #: False for norms whose training transform cannot run under torch.func.vmap
+    vmap_training = True
+
+    @property
+    def uses_batch_stats(self) -> bool:
+        """True when this forward computes statistics over the batch."""
+        return self.batch_statistics and self.training
+
+    def _check_batch(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if EF.values_per_channel(x) <= 1:
+            raise InputError(
+                f"{name} got 1 value per channel in training (input shape {tuple(x.shape)}), and "
+                "batch statistics need at least 2; train with a batch of at least 2 samples, "
+                "call .eval() to use the running statistics, or use a per-sample norm such as "
+                "'gn' or 'ln'"
+            )
+        if not self.vmap_training and torch._C._functorch.is_batchedtensor(x):
+            raise InputError(
+                f"{name} does not support torch.func.vmap in training (its batch statistics "
+                "run in a custom autograd Function); call .eval() inside vmap, or loop over "
+                "the vmapped dimension"
+            )
 
     def _normalize(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -159,6 +191,8 @@ class RunningStatsNorm(Norm):
         if hasattr(self, "num_batches_tracked"):
             self.reset_running_stats()
         super().reset_parameters()
+
+    batch_statistics = True
 
     @property
     def uses_batch_stats(self) -> bool:

@@ -31,12 +31,6 @@ class BatchNorm(RunningStatsNorm):
     _convertible_state = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
     def _normalize(self, x: Tensor) -> Tensor:
-        if self.training and EF.values_per_channel(x) <= 1:
-            raise InputError(
-                f"{type(self).__name__} got 1 value per channel in training (input shape "
-                f"{tuple(x.shape)}); train with a batch of at least 2 samples, call .eval(), or "
-                "use a per-sample norm such as 'gn' or 'ln'"
-            )
         factor = self.update_factor()
         running_mean = getattr(self, "running_mean", None)
         running_var = getattr(self, "running_var", None)

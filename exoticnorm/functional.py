@@ -7,12 +7,15 @@ computed in float32 (``stats_dtype``); float32 and float64 stay as they are.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from einops import rearrange
 from torch import Tensor
 
 __all__ = [
     "stats_dtype",
+    "autocast_off",
     "channel_dims",
     "values_per_channel",
     "per_channel",
@@ -29,6 +32,15 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def stats_dtype(x: Tensor) -> torch.dtype:
     """float32 for float16/bfloat16 input, else the input's own dtype."""
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
+
+
+def autocast_off(x: Tensor):
+    """A context with autocast off on ``x``'s device (a no-op where autocast does not exist,
+    such as the meta device)."""
+    kind = x.device.type
+    if torch.amp.is_autocast_available(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def channel_dims(x: Tensor) -> list[int]:

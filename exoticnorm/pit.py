@@ -78,6 +78,7 @@ class PITNorm(RunningStatsNorm):
     _running_stats: dict = {}
     _convertible_state = ("weight", "bias")
     precise_eval = True
+    vmap_training = False
 
     def __init__(self, num_features: int, output: str = "normal", momentum: float | None = 0.1,
                  bins: int = 500, tail: float = 1e-3, affine: bool = True,
@@ -197,14 +198,11 @@ class PITNorm(RunningStatsNorm):
         return self._torch_forward(x3, weight, bias)
 
     def _normalize(self, x: Tensor) -> Tensor:
-        if self.uses_batch_stats and EF.values_per_channel(x) <= 1:
-            raise InputError(
-                f"PITNorm got 1 value per channel in training (input shape {tuple(x.shape)}); "
-                "a CDF needs a batch of at least 2 values per channel, or call .eval()"
-            )
+        if x.device.type == "meta":  # shapes only: no statistics to read or update
+            return EF.affine_normalize(x, None, None, self.weight, self.bias, 0.0)
         self.update_factor()
         dtype = EF.stats_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        with EF.autocast_off(x):
             xs = x.to(dtype)
             if self.uses_batch_stats:
                 x3 = rearrange(xs, "n c ... -> n c (...)")

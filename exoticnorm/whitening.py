@@ -9,6 +9,7 @@ input are computed in float32.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,12 @@ __all__ = [
     "sample_count",
     "block_matmul",
     "group_moments",
+    "WhiteningSpec",
+    "shrinkage_intensity",
+    "whitening_matrix",
+    "affine_map",
+    "grouped_vector",
+    "apply_map",
     "whiten_batch",
     "regularize",
     "ledoit_wolf_intensity",
@@ -87,37 +94,126 @@ def group_moments(xv: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
     return xs.sum((0, 3)), torch.matmul(xs, xs.mT).sum(0)
 
 
-class _WhitenBatch(torch.autograd.Function):
-    """y = A(Σ, γ) (x − μ) + b(Σ, β) from the batch's own mean μ and covariance Σ.
+@dataclass(frozen=True)
+class WhiteningSpec:
+    """How a covariance becomes a whitening matrix: ridge ``eps``; ``shrinkage`` "auto" (Ledoit–
+    Wolf below 4c samples per group), "lw" (always) or a fixed fraction; sparsification to
+    ``density`` of W ("whitening") or of the correlations ("covariance"); Σ^(-1/2) by
+    ``method`` with ``iterations`` Newton–Schulz steps."""
 
-    The small map (Σ, γ, β) → (A, b) is any differentiable function (``affine``); it runs on a
-    detached Σ inside forward and is differentiated with autograd in backward, while the
-    large tensors get hand-written passes with a single gradient buffer:
+    eps: float = 1e-5
+    shrinkage: str | float = "auto"
+    density: float = 1.0
+    sparsify: str = "whitening"
+    method: str = "auto"
+    iterations: int = 5
+
+
+def shrinkage_intensity(cov: Tensor, xc: Tensor, spec: WhiteningSpec, count: float | None = None) -> Tensor | float:
+    """ρ for a batch (no gradient): Ledoit–Wolf's when ``spec.shrinkage`` is "lw", or "auto" with
+    fewer than 4c samples (``count``, default the samples of ``xc``); else the fixed fraction
+    (0 for "auto")."""
+    count = sample_count(xc) if count is None else count
+    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * cov.shape[-1]):
+        return ledoit_wolf_intensity(xc, cov)
+    return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
+
+
+def whitening_matrix(cov: Tensor, rho: Tensor | float, spec: WhiteningSpec) -> Tensor:
+    """W ≈ Σ_reg^(-1/2) (G, c, c) after shrinkage ρ, the ridge and sparsification."""
+    cov = regularize(cov, spec.eps, rho)
+    if spec.density < 1.0 and spec.sparsify == "covariance":
+        cov = threshold_covariance(cov, spec.density, spec.eps)
+    w = inverse_sqrt(cov, spec.method, spec.iterations)
+    if spec.density < 1.0 and spec.sparsify == "whitening":
+        w = sparsify(w, cov, spec.density)
+    return w
+
+
+def affine_map(w: Tensor, mean: Tensor | None, weight: Tensor | None,
+               bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """A = γ ∘ W and b = β − A·mean, grouped (G, c, c) and (G, c), so that y = A x + b.
+    ``weight``/``bias`` are already grouped (G, c) or None; ``mean`` None means centred input."""
+    a = w if weight is None else w * weight.to(w.dtype).unsqueeze(-1)
+    b = a.new_zeros(a.shape[:2]) if bias is None else bias.to(a.dtype)
+    if mean is not None:
+        b = b - (a @ mean.unsqueeze(-1)).squeeze(-1)
+    return a, b
+
+
+def grouped_vector(v: Tensor | None, group_size: int, fill: float) -> Tensor | None:
+    """(C,) → (G, c), padding with ``fill``."""
+    if v is None:
+        return None
+    pad = -v.shape[0] % group_size
+    if pad:
+        v = torch.cat([v, v.new_full((pad,), fill)])
+    return v.view(-1, group_size)
+
+
+def apply_map(a: Tensor, b: Tensor, xv: Tensor, shape: torch.Size) -> Tensor:
+    """y = A x + b for grouped samples xv (B, G, c, S), returned as a new tensor of ``shape``
+    (never a view, so callers may modify it in place)."""
+    if len(shape) > 2 and shape[1] == xv.shape[1] * xv.shape[2]:  # no padding: write in place
+        y = xv.new_empty(shape)
+        yv = group_view(y, xv.shape[2])
+        bsz, g, c, s = xv.shape
+        torch.bmm(a.expand(bsz, g, c, c).reshape(bsz * g, c, c), xv.reshape(bsz * g, c, s),
+                  out=yv.view(bsz * g, c, s))
+        return y.add_(b.reshape(1, -1, *[1] * (len(shape) - 2)))
+    return ungroup(block_matmul(a, xv).add_(b.unsqueeze(-1)), shape).clone(
+        memory_format=torch.contiguous_format)
+
+
+class WhitenBatch(torch.autograd.Function):
+    """y = A(Σ, γ) (x − μ) + b(β) from the batch's own mean μ and covariance Σ, for x (N, C, *s)
+    in groups of ``group_size`` channels; W(Σ) as ``spec`` says.
+
+    Returns y (shaped like x), and without gradient μ (G, c), the biased Σ (G, c, c), W and
+    the shrinkage ρ (G,) for the running statistics. The small map (Σ, γ, β) → (A, b) is
+    differentiated with autograd in backward; the large tensors get hand-written passes:
     ḡ_b = Σ ḡ_y, ḡ_A = Σ ḡ_y xcᵀ, (ḡ_Σ, ḡ_γ, ḡ_β) from the small graph, and
-    ḡ_x = Aᵀ (ḡ_y − ḡ_b / M) + (ḡ_Σ + ḡ_Σᵀ)/M · xc (Σ's dependence on μ adds nothing since
-    the centred samples sum to zero).
+    ḡ_x = Aᵀ (ḡ_y − ḡ_b / M) + (ḡ_Σ + ḡ_Σᵀ)/M · xc (Σ's dependence on μ adds nothing since the
+    centred samples sum to zero). ρ is a constant in backward. Not twice differentiable: a
+    double backward (create_graph=True) raises.
     """
 
     @staticmethod
-    def forward(ctx, xv: Tensor, affine, weight: Tensor | None, bias: Tensor | None):
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int,
+                spec: WhiteningSpec):
+        xv = group_view(x, group_size)
         mean = xv.mean((0, 3), keepdim=True)
         xc = xv - mean
         cov = torch.matmul(xc, xc.mT).sum(0).div_(sample_count(xv))
+        rho = shrinkage_intensity(cov, xc, spec)
         leaf = cov.detach().requires_grad_()
         params = [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in (weight, bias)]
         with torch.enable_grad():
-            a, b = affine(leaf, xc, *params)
-        y = block_matmul(a.detach(), xc).add_(b.detach().unsqueeze(-1))
-        ctx.save_for_backward(xc)
-        ctx.graph = (leaf, params, a, b)
-        mean = mean[0, ..., 0]
-        ctx.mark_non_differentiable(mean, cov)
-        return y, mean, cov
+            w = whitening_matrix(leaf, rho, spec)
+            a, b = affine_map(w, None, grouped_vector(params[0], group_size, 1.0),
+                              grouped_vector(params[1], group_size, 0.0))
+        y = apply_map(a.detach(), b.detach(), xc, x.shape)
+        rho = torch.as_tensor(rho, dtype=cov.dtype, device=cov.device).expand(cov.shape[0]).clone()
+        return y, mean.reshape(cov.shape[:2]), cov, w.detach(), rho, xc, (leaf, params, a, b)
 
     @staticmethod
-    def backward(ctx, grad: Tensor, _grad_mean, _grad_cov):
+    def setup_context(ctx, inputs, output):
+        y, mean, cov, w, rho, xc, graph = output
+        ctx.save_for_backward(xc)
+        ctx.graph = graph
+        ctx.shape = inputs[0].shape
+        ctx.mark_non_differentiable(mean, cov, w, rho, xc)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "exoticnorm whitening norms are not twice differentiable: double backward "
+                "(create_graph=True, e.g. a gradient penalty) is not supported; use the "
+                "norm in eval mode (an affine map) for that part of the loss")
         (xc,) = ctx.saved_tensors
         leaf, params, a, b = ctx.graph
+        grad = group_view(grad, xc.shape[2])
         m = sample_count(xc)
         grad_b = grad.sum((0, 3))
         grad_a = torch.matmul(grad, xc.mT).sum(0)
@@ -126,19 +222,23 @@ class _WhitenBatch(torch.autograd.Function):
                                          retain_graph=True))  # small; lets callers backward twice
         grad_cov = next(found)
         grad_params = [next(found) if p is not None and p.requires_grad else None for p in params]
+        grad_params = [None if g is None else g.flatten()[: ctx.shape[1]] for g in grad_params]
         at = a.detach().mT
         grad_x = block_matmul(at, grad).sub_((at @ grad_b.unsqueeze(-1)) / m)
         if grad_cov is not None:
             bsz, g, c, s = xc.shape
             sym = ((grad_cov + grad_cov.mT) / m).expand(bsz, g, c, c).reshape(bsz * g, c, c)
             grad_x.view(bsz * g, c, s).baddbmm_(sym, xc.reshape(bsz * g, c, s))
-        return grad_x, None, *grad_params
+        return ungroup(grad_x, ctx.shape), *grad_params, None, None
 
 
-def whiten_batch(xv: Tensor, affine, weight: Tensor | None, bias: Tensor | None):
-    """Whiten (B, G, c, S) samples with their own statistics: returns y, mean (G, c) and the
-    biased covariance (G, c, c). ``affine(cov, xc, weight, bias) -> (A, b)`` builds the map."""
-    return _WhitenBatch.apply(xv, affine, weight, bias)
+def whiten_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int,
+                 spec: WhiteningSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Whiten x (N, C, *s) with its own statistics, per group of ``group_size`` channels:
+    returns y (a new tensor shaped like x) and, without gradient, the mean (G, c), the biased
+    covariance (G, c, c), W (G, c, c) and the shrinkage ρ (G,)."""
+    y, mean, cov, w, rho, _, _ = WhitenBatch.apply(x, weight, bias, group_size, spec)
+    return y, mean, cov, w, rho
 
 
 def ledoit_wolf_intensity(xc: Tensor, cov: Tensor) -> Tensor:
@@ -170,6 +270,13 @@ def regularize(cov: Tensor, eps: float, rho: Tensor | float = 0.0) -> Tensor:
     return (1 - rho) * cov + (rho * m + eps) * eye
 
 
+def _eigh_parts(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """U and s = √λ (λ floored at λ_max·eps and the smallest normal number)."""
+    lam, u = torch.linalg.eigh(cov)  # ascending: lam[..., -1] is the largest
+    info = torch.finfo(lam.dtype)
+    return u, torch.maximum(lam, lam[..., -1:] * info.eps).clamp_min(info.tiny).sqrt()
+
+
 class _InvSqrtEigh(torch.autograd.Function):
     """W = U diag(λ^(-1/2)) Uᵀ, with the Daleckii–Krein backward written in closed form.
 
@@ -181,14 +288,15 @@ class _InvSqrtEigh(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cov: Tensor) -> Tensor:
-        lam, u = torch.linalg.eigh(cov)  # ascending: lam[..., -1] is the largest
-        info = torch.finfo(lam.dtype)
-        s = torch.maximum(lam, lam[..., -1:] * info.eps).clamp_min(info.tiny).sqrt()
+        u, s = _eigh_parts(cov)
         ctx.save_for_backward(u, s)
         return (u / s.unsqueeze(-2)) @ u.mT
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("the eigh whitening backward is not twice differentiable "
+                               "(double backward / create_graph=True is not supported)")
         u, s = ctx.saved_tensors
         sym = (grad + grad.mT) / 2
         si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
@@ -197,8 +305,12 @@ class _InvSqrtEigh(torch.autograd.Function):
 
 
 def inv_sqrt_eigh(cov: Tensor) -> Tensor:
-    """Σ^(-1/2) by symmetric eigendecomposition (exact up to rounding)."""
-    return _InvSqrtEigh.apply(cov)
+    """Σ^(-1/2) by symmetric eigendecomposition (exact up to rounding); the custom backward
+    only where a gradient is wanted (plain ops otherwise, e.g. in eval under vmap)."""
+    if torch.is_grad_enabled() and cov.requires_grad:
+        return _InvSqrtEigh.apply(cov)
+    u, s = _eigh_parts(cov)
+    return (u / s.unsqueeze(-2)) @ u.mT
 
 
 def inv_sqrt_newton(cov: Tensor, iterations: int = 5) -> Tensor:

@@ -47,6 +47,7 @@ class _Whitening(RunningStatsNorm):
     }
     _convertible_state = ("weight", "bias")
     precise_eval = True
+    vmap_training = False
 
     def __init__(
         self,
@@ -113,68 +114,22 @@ class _Whitening(RunningStatsNorm):
 
     # --- the transform ------------------------------------------------------------------
 
+    @property
+    def spec(self) -> W.WhiteningSpec:
+        return W.WhiteningSpec(self.eps, self.shrinkage, self.density, self.sparsify, self.method,
+                               self.iterations)
+
     def _grouped(self, v: Tensor | None, fill: float) -> Tensor | None:
-        """(C,) → (G, c), padding with ``fill``."""
-        if v is None:
-            return None
-        pad = self.num_groups * self._group_size - self.num_features
-        if pad:
-            v = torch.cat([v, v.new_full((pad,), fill)])
-        return v.view(self.num_groups, self._group_size)
+        return W.grouped_vector(v, self._group_size, fill)
 
-    def _shrinkage_intensity(self, cov: Tensor, xc: Tensor, count: float | None = None,
-                             synced: bool = False) -> Tensor | float:
-        """ρ for this batch: Ledoit–Wolf's when "lw", or "auto" with fewer than 4c samples
-        (``count``, all ranks together). ρ is treated as a constant in backward. In a process
-        group each rank estimates ρ from its own samples and the ranks' mean is used (an
-        approximation of the pooled estimate)."""
-        count = W.sample_count(xc) if count is None else count
-        if self.shrinkage == "lw" or (self.shrinkage == "auto" and count < 4 * self._group_size):
-            rho = W.ledoit_wolf_intensity(xc, cov)
-            if synced:
-                rho = rho.clone()
-                dist.all_reduce(rho, group=self.process_group)
-                rho /= dist.get_world_size(self.process_group)
-            return rho
-        return 0.0 if isinstance(self.shrinkage, str) else float(self.shrinkage)
-
-    def _whiten(self, cov: Tensor, rho: Tensor | float) -> Tensor:
-        """Σ (G, c, c) → the whitening matrix, after shrinkage ρ, ridge and sparsification."""
-        cov = W.regularize(cov, self.eps, rho)
-        if self.density < 1.0 and self.sparsify == "covariance":
-            cov = W.threshold_covariance(cov, self.density, self.eps)
-        w = W.inverse_sqrt(cov, self.method, self.iterations)
-        if self.density < 1.0 and self.sparsify == "whitening":
-            w = W.sparsify(w, cov, self.density)
-        return w
-
-    def _affine_map(self, w: Tensor, mean: Tensor | None, weight: Tensor | None,
-                    bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        """A = γ ∘ W and b = β − A·mean (grouped), so that y = A x + b."""
-        weight, bias = self._grouped(weight, 1.0), self._grouped(bias, 0.0)
-        a = w if weight is None else w * weight.to(w.dtype).unsqueeze(-1)
-        b = a.new_zeros(a.shape[:2]) if bias is None else bias.to(a.dtype)
-        if mean is not None:
-            b = b - (a @ mean.unsqueeze(-1)).squeeze(-1)
-        return a, b
-
-    def _batch_affine(self, cov: Tensor, xc: Tensor, weight: Tensor | None,
-                      bias: Tensor | None) -> tuple[Tensor, Tensor]:
-        """The training map for centred samples: A = γ ∘ W(Σ), b = β. Keeps this batch's ρ and
-        W for the running statistics."""
-        self._last_rho = self._shrinkage_intensity(cov.detach(), xc.detach())
-        w = self._whiten(cov, self._last_rho)
-        self._last_w = w.detach()
-        return self._affine_map(w, None, weight, bias)
-
-    def _synced_stats(self, xv: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Mean, biased covariance, sample count and centred samples over every process.
-
-        One all_reduce of [Σ(x − s), Σ(x − s)(x − s)ᵀ, M] with a shift s shared by all ranks
-        (the running mean), so the sums merge exactly and without cancellation.
-        """
+    def _synced_batch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+        """Whiten with the statistics of every process (plain autograd through one all_reduce of
+        [Σ(x − s), Σ(x − s)(x − s)ᵀ, M], s = the running mean shared by all ranks, so the sums
+        merge exactly and without cancellation). ρ is the ranks' mean estimate (an
+        approximation of the pooled one). Returns y, mean, cov, W, ρ and the global count."""
         from torch.distributed.nn.functional import all_reduce
 
+        xv = W.group_view(x, self._group_size)
         g, c = xv.shape[1:3]
         if self.track_running_stats:
             shift = self._grouped(self.running_mean, 0.0).to(xv.dtype)
@@ -188,61 +143,72 @@ class _Whitening(RunningStatsNorm):
         mean_s = packed[: g * c].view(g, c) / count
         cov = packed[g * c : -1].view(g, c, c) / count - mean_s.unsqueeze(-1) * mean_s.unsqueeze(-2)
         mean = shift + mean_s
-        return mean, cov, count, xv - mean.unsqueeze(-1)
+        xc = xv - mean.unsqueeze(-1)
+        spec = self.spec
+        rho = W.shrinkage_intensity(cov.detach(), xc.detach(), spec, float(count))
+        rho = torch.as_tensor(rho, dtype=cov.dtype, device=cov.device).expand(g).clone()
+        dist.all_reduce(rho, group=self.process_group)
+        rho /= dist.get_world_size(self.process_group)
+        w = W.whitening_matrix(cov, rho, spec)
+        a, b = W.affine_map(w, None, self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0))
+        y = W.ungroup(W.block_matmul(a, xc).add(b.unsqueeze(-1)), x.shape)
+        return y, mean.detach(), cov.detach(), w.detach(), rho, float(count)
+
+    @torch.compiler.disable  # a custom Function with a small autograd graph inside: eager only
+    def _train_forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if _distributed(self.process_group):
+            y, mean, cov, w, rho, count = self._synced_batch(x)
+        else:
+            y, mean, cov, w, rho = W.whiten_batch(x, weight, bias, self._group_size, self.spec)
+            count = float(EF.values_per_channel(x))
+        factor = self.update_factor()
+        if self.training and self.track_running_stats:
+            unbiased = cov * (count / (count - 1))  # count >= 2, checked before
+            EF.update_running(self.running_mean, mean.flatten()[: self.num_features], factor)
+            EF.update_running(self.running_cov, unbiased, factor)
+            EF.update_running(self.running_shrinkage, rho, factor)
+            EF.update_running(self.running_whitening, w, factor)
+        return y
 
     def _normalize(self, x: Tensor) -> Tensor:
-        if self.uses_batch_stats and EF.values_per_channel(x) <= 1:
-            raise InputError(
-                f"{type(self).__name__} got 1 value per channel in training (input shape "
-                f"{tuple(x.shape)}); use a batch of at least 2 samples or call .eval()"
-            )
         dtype = EF.stats_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            xv = W.group_view(x.to(dtype), self._group_size)
-            if not self.uses_batch_stats:
-                a, b = self._affine_map(*self._eval_map(dtype), self.weight, self.bias)
-                y = W.block_matmul(a, xv).add_(b.unsqueeze(-1))
-                return W.ungroup(y, x.shape).to(x.dtype)
-            if _distributed(self.process_group):
-                mean, cov, count, xc = self._synced_stats(xv)
-                self._last_rho = self._shrinkage_intensity(cov.detach(), xc.detach(),
-                                                           float(count), synced=True)
-                w = self._whiten(cov, self._last_rho)
-                self._last_w = w.detach()
-                a, b = self._affine_map(w, None, self.weight, self.bias)
-                y = W.block_matmul(a, xc).add(b.unsqueeze(-1))
-            else:
-                y, mean, cov = W.whiten_batch(xv, self._batch_affine, self.weight, self.bias)
-                count = float(W.sample_count(xv))
-            factor = self.update_factor()
-            if self.training and self.track_running_stats:
-                unbiased = cov * (count / (count - 1))  # count >= 2, checked above
-                EF.update_running(self.running_mean, mean.flatten()[: self.num_features], factor)
-                EF.update_running(self.running_cov, unbiased, factor)
-                rho = torch.as_tensor(self._last_rho, dtype=dtype, device=x.device)
-                EF.update_running(self.running_shrinkage, rho.expand(self.num_groups), factor)
-                EF.update_running(self.running_whitening, self._last_w, factor)
-        return W.ungroup(y, x.shape).to(x.dtype)
+        with EF.autocast_off(x):
+            xs = x.to(dtype)
+            if self.uses_batch_stats:
+                return self._train_forward(xs).to(x.dtype)
+            w, mean = self._eval_map(dtype)
+            a, b = W.affine_map(w, mean, self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0))
+            return W.apply_map(a, b, W.group_view(xs, self._group_size), x.shape).to(x.dtype)
 
     def _eval_map(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(W, mean) from the running statistics, recomputed only when they change."""
-        key = (self.running_mean._version, self.running_cov._version,
-               self.running_shrinkage._version, self.running_whitening._version, self.eps,
-               self.density, self.eval_from, self.running_cov.device, dtype)
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            with torch.no_grad():
-                if self.eval_from == "whitening":
-                    w = self.running_whitening.to(dtype)
-                else:
-                    w = self._whiten(self.running_cov.to(dtype), self.running_shrinkage.to(dtype))
-                self._eval_cache = (key, w, self._grouped(self.running_mean, 0.0).to(dtype))
-        return self._eval_cache[1], self._eval_cache[2]
+        """(W, mean) from the running statistics, cached while the very same buffers (identity
+        and in-place version) and settings stay; recomputed under torch.compile, for inference
+        tensors and after any swap (load_state_dict(assign=True), functional_call, .to())."""
+        buffers = (self.running_mean, self.running_cov, self.running_shrinkage, self.running_whitening)
+        cacheable = not torch.compiler.is_compiling() and not any(t.is_inference() for t in buffers)
+        key = None
+        if cacheable:
+            key = (tuple(t._version for t in buffers), self.spec, self.eval_from, dtype)
+            cached = self._eval_cache
+            if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], buffers)):
+                return cached[2], cached[3]
+        with torch.no_grad():
+            if self.eval_from == "whitening":
+                w = self.running_whitening.to(dtype)
+            else:
+                w = W.whitening_matrix(self.running_cov.to(dtype), self.running_shrinkage.to(dtype), self.spec)
+            mean = self._grouped(self.running_mean, 0.0).to(dtype)
+        if cacheable:
+            self._eval_cache = (key, buffers, w, mean)
+        return w, mean
 
     def eval_affine(self) -> tuple[Tensor, Tensor]:
         """The eval transform as one affine map y = A x + b on (C,) vectors: (A (C, C), b (C,))."""
         with torch.no_grad():
             w, mean = self._eval_map(EF.stats_dtype(self.running_cov))
-            a, b = self._affine_map(w, mean, self.weight, self.bias)
+            a, b = W.affine_map(w, mean, self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0))
         c = self.num_features
         return torch.block_diag(*a)[:c, :c], b.flatten()[:c]
 
