@@ -10,10 +10,15 @@ heavy (1/z²) tail, so lognormal-like tails keep resolution. Beyond the data the
 Updates: the batch's CDF at the edges (exact, from bucket counts) is averaged in, either with
 ``momentum`` m, F ← (1 − m) F + m·F_batch (forgets, tracks drift), or cumulatively
 (``momentum=None``): F ← (W F + n F_batch)/(W + n), which makes F the exact pooled CDF of
-everything seen at every edge. The grid is set from the first batch's mean and std; with a
-momentum it follows running moments and the CDF is re-interpolated onto the new grid when
-the centre moves by more than ``regrid_shift`` scales or the scale changes by more than that
-fraction. Sketches on the same grid merge exactly (counts add); inside a process group the
+everything seen at every edge while the grid stays. The grid is set from the first batch's
+mean and std and follows the running moments (exponential with a momentum, pooled over
+everything seen without); the CDF is re-interpolated onto a new grid when the centre moves by
+more than ``regrid_shift`` scales or the scale changes by more than that fraction (in the
+cumulative mode: when the data leave the grid, e.g. a scale change by orders of magnitude).
+
+Non-finite values (NaN, ±inf) are left out of every statistic and counted per channel in
+``nonfinite``; a batch without finite values changes nothing else. The state is float32 or
+float64: ``.half()``/``.bfloat16()`` on a model leave a sketch in float32. Sketches on the same grid merge exactly (counts add); inside a process group the
 counts and moments of all ranks are summed before the update, so every rank holds the sketch
 of the union.
 """
@@ -33,11 +38,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 class QuantileSketch(nn.Module):
     """Running CDF of ``num_channels`` streams on ``bins`` bins each (2 KB per channel at 500).
 
-    ``update(x)`` takes values as (C, n); ``cdf(x)`` and ``quantile(p)`` evaluate the sketch.
+    ``update(x)`` takes values as (C, n); ``cdf_at(x)`` and ``quantile(p)`` evaluate the sketch.
     """
+
+    _version = 2  # 2: ``nonfinite`` added
 
     def __init__(self, num_channels: int, bins: int = 500, momentum: float | None = None,
                  regrid_shift: float = 0.25, device=None, dtype=None) -> None:
@@ -48,6 +58,8 @@ class QuantileSketch(nn.Module):
             raise ValueError(f"momentum must be in (0, 1] or None (cumulative), got {momentum!r}")
         self.num_channels, self.bins, self.momentum = num_channels, bins, momentum
         self.regrid_shift = regrid_shift
+        if dtype in _LOW_PRECISION:
+            dtype = torch.float32  # 499 CDF values per channel need more than 8 bits of mantissa
         kw = {"device": device, "dtype": dtype or torch.float32}
         self.register_buffer("center", torch.zeros(num_channels, **kw))
         self.register_buffer("scale", torch.ones(num_channels, **kw))
@@ -56,9 +68,29 @@ class QuantileSketch(nn.Module):
         self.register_buffer("mean", torch.zeros(num_channels, **kw))
         self.register_buffer("var", torch.ones(num_channels, **kw))
         self.register_buffer("ready", torch.zeros(num_channels, dtype=torch.bool, device=device))
+        self.register_buffer("nonfinite", torch.zeros(num_channels, **kw))
         self.reset()
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's, except that float16/bfloat16 conversions leave the state in its own
+        dtype (only the device moves)."""
+        def keep_precision(t: Tensor) -> Tensor:
+            out = fn(t)
+            if out.dtype in _LOW_PRECISION and t.is_floating_point() and t.dtype not in _LOW_PRECISION:
+                return t.to(device=out.device)
+            return out
+        return super()._apply(keep_precision, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        if (version is None or version < 2) and prefix + "nonfinite" not in state_dict:
+            state_dict[prefix + "nonfinite"] = torch.zeros_like(self.nonfinite)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def reset(self) -> None:
+        self.nonfinite.zero_()
         self.center.zero_(), self.scale.fill_(1.0), self.weight.zero_()
         self.mean.zero_(), self.var.fill_(1.0), self.ready.zero_()
         self.cdf.copy_(torch.arange(1, self.bins, dtype=self.cdf.dtype) / self.bins)
@@ -140,22 +172,33 @@ class QuantileSketch(nn.Module):
 
     @torch.no_grad()
     def update(self, x: Tensor) -> Tensor:
-        """Add a batch of values (C, n); returns the batch's bin counts (summed over ranks)."""
+        """Add a batch of values (C, n); returns the batch's bin counts (summed over ranks).
+        Non-finite values are counted in ``nonfinite`` and left out."""
         x = x.detach().to(self.cdf.dtype).reshape(self.num_channels, -1)
-        self.follow(x)
-        counts = self.counts(self.position(x))
+        fresh = not bool(self.ready.all())
+        if fresh:
+            self.follow(x)
+        t = self.position(x)
+        finite = t == t
+        counts = torch.bincount(self.bin_index(torch.nan_to_num(t, nan=0.0)).reshape(-1),
+                                weights=finite.reshape(-1).to(self.cdf.dtype),
+                                minlength=self.num_channels * self.bins).view(self.num_channels, self.bins)
+        self.nonfinite.add_((~finite).sum(1).to(self.nonfinite.dtype))
         if _distributed():
             dist.all_reduce(counts)
         self.observe(counts)
+        if not fresh:
+            self.follow(x)
         return counts
 
     @torch.no_grad()
     def follow(self, x: Tensor, dim: int = 0) -> None:
         """Let the grid follow the moments of a batch (channels on ``dim``, summed over ranks)."""
         dims = [d for d in range(x.ndim) if d != dim]
-        n = float(x.numel() // x.shape[dim])
-        xs = x.detach().to(self.cdf.dtype)
-        moments = torch.stack([xs.new_full((self.num_channels,), n), xs.sum(dims), (xs * xs).sum(dims)])
+        xs = x.detach().to(torch.float64)
+        finite = torch.isfinite(xs)
+        xs = torch.where(finite, xs, 0.0)
+        moments = torch.stack([finite.sum(dims).double(), xs.sum(dims), (xs * xs).sum(dims)])
         if _distributed():
             dist.all_reduce(moments)
         self._follow(moments)
@@ -168,9 +211,10 @@ class QuantileSketch(nn.Module):
             dist.all_reduce(moments)
         kernel = pit_cpu() if self.cdf.device.type == "cpu" else None
         if kernel is None:
-            return self._follow(moments.to(self.cdf.dtype))
+            return self._follow(moments)
         regrid, std = kernel.follow(moments.double(), self.mean, self.var, self.center, self.scale, self.ready,
-                                    -1.0 if self.momentum is None else float(self.momentum), self.regrid_shift)
+                                    self.weight, -1.0 if self.momentum is None else float(self.momentum),
+                                    self.regrid_shift)
         self.move_grids(regrid, std)
 
     @torch.no_grad()
@@ -183,25 +227,36 @@ class QuantileSketch(nn.Module):
 
     @torch.no_grad()
     def _follow(self, moments: Tensor) -> None:
-        """Set the grid from the first batch; with a momentum, track the running moments and
-        re-grid when they drift."""
-        n, s1, s2 = moments
-        mean = s1 / n
-        var = (s2 / n - mean * mean).clamp_min(0)
-        first = ~self.ready
-        if self.momentum is None:
-            self.mean.copy_(torch.where(first, mean, self.mean))
-            self.var.copy_(torch.where(first, var, self.var))
+        """Set the grid from the first batch, then track the running moments (exponential with a
+        momentum; pooled over everything seen, ``weight`` values, already counting this batch,
+        without) and re-grid when they drift. Channels without finite values are left alone."""
+        n, s1, s2 = moments.double()
+        has = n > 0
+        mean = s1 / n.clamp_min(1)
+        var = (s2 / n.clamp_min(1) - mean * mean).clamp_min(0)
+        first = ~self.ready & has
+        old_mean, old_var = self.mean.double(), self.var.double()
+        if self.momentum is None:  # pooled: f = n / W with W the values seen, this batch included
+            f = torch.where(self.weight > 0, n / self.weight.double().clamp_min(1), 1.0).clamp(0, 1)
+            new_mean = torch.lerp(old_mean, mean, f)
+            new_var = torch.lerp(old_var, var, f) + f * (1 - f) * (mean - old_mean) ** 2
         else:
-            self.mean.copy_(torch.where(first, mean, torch.lerp(self.mean, mean, self.momentum)))
-            self.var.copy_(torch.where(first, var, torch.lerp(self.var, var, self.momentum)))
+            new_mean = torch.lerp(old_mean, mean, self.momentum)
+            new_var = torch.lerp(old_var, var, self.momentum)
+        new_mean = torch.where(first, mean, torch.where(has & self.ready, new_mean, old_mean))
+        new_var = torch.where(first, var, torch.where(has & self.ready, new_var, old_var))
+        self.mean.copy_(new_mean)
+        self.var.copy_(new_var)
         std = self.var.sqrt().clamp_min(torch.finfo(self.var.dtype).eps * self.mean.abs().clamp_min(1))
         moved = ((self.mean - self.center).abs() > self.regrid_shift * self.scale) | (
             (std / self.scale - 1).abs() > self.regrid_shift)
-        regrid = first | (moved & (self.momentum is not None))
+        if self.momentum is None:  # cumulative: move only when the data leave the grid
+            moved = ((self.mean - self.center).abs() > 2 * self.scale) | (std > 4 * self.scale) | (
+                std < self.scale / 4)
+        regrid = first | (moved & self.ready & has)
         if self.center.device.type != "cpu" or bool(regrid.any()):  # no sync on accelerators
             self._regrid(regrid, self.mean, std)
-        self.ready.fill_(True)
+        self.ready.logical_or_(has)
 
     def _regrid(self, where: Tensor, center: Tensor, scale: Tensor) -> None:
         """Move the grid of the channels in ``where`` to (center, scale), re-interpolating the
@@ -220,6 +275,7 @@ class QuantileSketch(nn.Module):
             factor = n / (self.weight + n).clamp_min(1)
         else:
             factor = torch.where(self.weight == 0, 1.0, self.momentum)
+        factor = torch.where(n > 0, factor, 0.0)  # a batch without finite values changes nothing
         self.cdf.lerp_(batch, factor.to(self.cdf.dtype).unsqueeze(1))
         self.weight.add_(n)
 

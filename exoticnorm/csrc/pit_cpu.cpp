@@ -28,21 +28,29 @@ inline int32_t clamped_bin(T t, T top) {
   return static_cast<int32_t>(std::min(std::max(T(0), t), top));
 }
 
-// Grid positions t and bins of len values (a loop the compiler vectorizes), with the values'
-// sum and sum of squares.
+// Grid positions t and bins of len values (a loop the compiler vectorizes), with the sum and
+// sum of squares of the finite values' offsets from the grid's centre (shifted sums: no
+// overflow or cancellation for values far from zero) and how many are finite. A non-finite
+// value has a NaN position (its bin is 0, and it is not counted).
 template <typename T>
-inline void positions(const T* v, int64_t len, T center, T inv, T half, T top, T* t, int32_t* bin, T* s1, T* s2) {
+inline void positions(const T* v, int64_t len, T center, T inv, T half, T top, T* t, int32_t* bin, T* s1, T* s2,
+                      int64_t* finite) {
   T a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
+  int64_t nf = 0;
+#pragma omp simd reduction(+ : a1, a2, nf)
   for (int64_t j = 0; j < len; ++j) {
     const T z = (v[j] - center) * inv;
     t[j] = half * (T(1) + z / (T(1) + std::abs(z)));
     bin[j] = clamped_bin(t[j], top);
-    a1 += v[j];
-    a2 += v[j] * v[j];
+    const bool ok = t[j] == t[j];
+    const T d = ok ? v[j] - center : T(0);
+    a1 += d;
+    a2 += d * d;
+    nf += ok;
   }
   *s1 = a1;
   *s2 = a2;
+  *finite = nf;
 }
 
 void check(const torch::Tensor& x, const torch::Tensor& center, const torch::Tensor& scale) {
@@ -64,23 +72,29 @@ inline std::pair<int64_t, int64_t> block_rows(int64_t N, int64_t b, int64_t B) {
 
 // --- counting ---------------------------------------------------------------------------------
 
-// One channel's counts over some rows: values per bin, each bin's smallest value and how many
-// values equal it (ties at the bin's bottom), and the sum of the values and of their squares.
+// One channel's counts over some rows, finite values only: values per bin, each bin's smallest
+// value and how many values equal it (ties at the bin's bottom), how many values, and the sums
+// of their offsets from the grid's centre and of the offsets' squares.
 template <typename T>
 struct Counts {
   std::vector<int32_t> n, ties;
   std::vector<T> bottom;
-  double s1 = 0.0, s2 = 0.0;
+  double s1 = 0.0, s2 = 0.0, finite = 0.0, center = 0.0;
 
   void reset(int64_t K) {
     n.assign(K, 0);
     ties.assign(K, 0);
     bottom.assign(K, std::numeric_limits<T>::infinity());
-    s1 = s2 = 0.0;
+    s1 = s2 = finite = 0.0;
   }
+
+  // The finite values' sum and sum of squares (unshifted).
+  double sum() const { return s1 + finite * center; }
+  double sumsq() const { return s2 + 2.0 * center * s1 + finite * center * center; }
 
   // Rows [n0, n1) of channel c of x (N, C, S), on the grid (center, 1/scale).
   void add(const T* x, int64_t C, int64_t S, int64_t c, int64_t n0, int64_t n1, T center, T inv) {
+    this->center = double(center);
     const int64_t K = static_cast<int64_t>(n.size());
     const T half = T(K) / 2, top = T(K - 1);
     int32_t* ct = n.data();
@@ -94,16 +108,19 @@ struct Counts {
         const int64_t len = std::min(kChunk, S - s0);
         const T* v = row + s0;
         T f1 = 0, f2 = 0;
-        positions(v, len, center, inv, half, top, tb, ib, &f1, &f2);
+        int64_t nf = 0;
+        positions(v, len, center, inv, half, top, tb, ib, &f1, &f2, &nf);
         s1 += double(f1);  // float sums over a chunk, double across
         s2 += double(f2);
+        finite += double(nf);
         // counts, and a list of the values at or below their bin's bottom so far: a branch on
         // that test mispredicts too often (each new minimum), a list costs nothing
         int64_t nl = 0;
         for (int64_t j = 0; j < len; ++j) {
-          ct[ib[j]] += 1;
+          const bool ok = tb[j] == tb[j];
+          ct[ib[j]] += ok;
           low[nl] = static_cast<int32_t>(j);
-          nl += v[j] <= bt[ib[j]];
+          nl += ok & (v[j] <= bt[ib[j]]);
         }
         for (int64_t q = 0; q < nl; ++q) {  // bottoms only fall: no value left out can lower one
           const int64_t j = low[q], k = ib[j];
@@ -131,6 +148,7 @@ struct Counts {
     }
     s1 += o.s1;
     s2 += o.s2;
+    finite += o.finite;
   }
 };
 
@@ -175,6 +193,7 @@ void count_channels(const T* x, int64_t N, int64_t C, int64_t S, int64_t K, cons
 struct Output {
   bool normal;
   double tail;
+  double smoothing;  // values per bin the training grid keeps on average (see coarsening)
   int64_t count_n = -1;
   std::vector<double> at_count;
 
@@ -191,12 +210,22 @@ struct Output {
   }
 
   const double* by_count(double n) const { return n == double(count_n) ? at_count.data() : nullptr; }
+
+  // r = ceil(smoothing K / n) in [1, K]: the tables are linear over r bins at a time, so a
+  // channel of n values keeps about `smoothing` values per linear piece (see PITNorm).
+  int64_t coarsening(double n, int64_t K) const {
+    if (!(smoothing > 0.0) || !(n > 0.0)) return 1;
+    return std::min<int64_t>(K, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(smoothing * double(K) / n))));
+  }
 };
 
 // One channel's tables (K values each) from its bin counts (summed over ranks), the ties at each
 // bin's bottom, the bottoms and the channel's local count: lo (output at the bin's bottom), span
 // (increase across the bin), tie (the bottom where several values tie there, NaN elsewhere) and
-// atom (output of the ties' mid-rank). Outputs are of the batch CDF G at the bin edges.
+// atom (output of the ties' mid-rank). The output is piecewise linear in t between knots: every
+// r-th bin edge (r = out.coarsening(n, K)) and the bottom of every bin with ties; at a knot it is
+// the output of the batch CDF G there (just after the ties, for a bin with ties), and it
+// reaches the output of G at the next knot. r = 1 makes it exact at every edge.
 template <typename T, typename Count>
 void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double local_n, int64_t K, const Output& out,
                     std::vector<double>& edge_out, T* lo, T* span, T* tie, T* atom) {
@@ -205,6 +234,7 @@ void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double
   edge_out.resize(K + 1);
   double* O = edge_out.data();
   const double* by_count = out.by_count(n);
+  const int64_t r = out.coarsening(n, K);
   double run = 0.0;
   O[0] = out(0.0);
   for (int64_t k = 0; k < K; ++k) {
@@ -217,20 +247,33 @@ void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double
     }
   }
   run = 0.0;
+  int64_t p = 0;
+  double start = O[0], slope = 0.0;  // the piece from knot p: start + (t - p) slope
   for (int64_t k = 0; k < K; ++k) {
     const double below = run / n;  // G at the bin's bottom edge
     run += double(cnt[k]);
-    if (double(ties[k]) > 1.0) {  // the tied values' share of the batch
-      const double share = double(ties[k]) / local_n, bottom_out = out(below + share);
-      lo[k] = T(bottom_out);
-      span[k] = T(O[k + 1] - bottom_out);
-      tie[k] = bottom[k];
-      atom[k] = T(out(below + share / 2));
-    } else {
-      lo[k] = T(O[k]);
-      span[k] = T(O[k + 1] - O[k]);
+    const bool tied = double(ties[k]) > 1.0;
+    if (k % r == 0 || tied) {  // a knot: the next one is the next multiple of r, K or a tied bin
+      p = k;
+      const double share = tied ? double(ties[k]) / local_n : 0.0;  // the tied values' part
+      start = tied ? out(below + share) : O[k];
+      int64_t q = std::min(K, (k / r + 1) * r);
+      for (int64_t j = k + 1; j < q; ++j)
+        if (double(ties[j]) > 1.0) {
+          q = j;
+          break;
+        }
+      slope = (O[q] - start) / double(q - p);
+      if (tied) {
+        tie[k] = bottom[k];
+        atom[k] = T(out(below + share / 2));
+      }
+    }
+    lo[k] = T(start + double(k - p) * slope);
+    span[k] = T(slope);
+    if (!tied) {
       tie[k] = std::numeric_limits<T>::quiet_NaN();
-      atom[k] = T(O[k]);
+      atom[k] = lo[k];
     }
   }
 }
@@ -247,6 +290,7 @@ struct Sketch {
 // cdf += f (batch - cdf), f = n / (weight + n) (cumulative) or momentum (the first batch: 1).
 template <typename S, typename Count>
 void observe_channel(const Sketch& sk, int64_t c, const Count* cnt, int64_t K, double n) {
+  if (!(n > 0.0)) return;  // no finite value: nothing to learn
   S* cdf = sk.cdf.data_ptr<S>() + c * (K - 1);
   S& weight = sk.weight.data_ptr<S>()[c];
   const double w = weight;
@@ -269,18 +313,28 @@ bool follow_channel(const Sketch& sk, int64_t c, double count, double sum, doubl
   S& va = sk.var.data_ptr<S>()[c];
   const S center = sk.center.data_ptr<S>()[c], scale = sk.scale.data_ptr<S>()[c];
   const bool ready = sk.ready.data_ptr<bool>()[c];
-  const S n = S(count), m = S(sum) / n, v = std::max(S(sumsq) / n - m * m, S(0));
+  *stdev = scale;
+  if (!(count > 0.0)) return false;  // no finite value: the grid stays
+  const double md = sum / count;
+  const S m = S(md), v = S(std::max(sumsq / count - md * md, 0.0));
   if (!ready) {
     mu = m;
     va = v;
   } else if (sk.momentum >= 0.0) {
     mu = mu + S(sk.momentum) * (m - mu);
     va = va + S(sk.momentum) * (v - va);
+  } else {  // pooled over the values seen (the sketch's weight, this batch already counted)
+    const double w = double(sk.weight.data_ptr<S>()[c]);
+    const double f = w > 0.0 ? std::min(1.0, count / w) : 1.0, d = md - double(mu);
+    mu = S(double(mu) + f * d);
+    va = S(double(va) + f * (double(v) - double(va)) + f * (1.0 - f) * d * d);
   }
   const S sd = std::max(std::sqrt(va), std::numeric_limits<S>::epsilon() * std::max(std::abs(mu), S(1)));
   *stdev = sd;
-  const bool moved = std::abs(mu - center) > S(sk.shift) * scale || std::abs(sd / scale - 1) > S(sk.shift);
-  return !ready || (moved && sk.momentum >= 0.0);
+  if (!ready) return true;
+  if (sk.momentum < 0.0)  // cumulative: the grid moves only when the data leave it
+    return std::abs(mu - center) > S(2) * scale || sd > S(4) * scale || sd < scale / S(4);
+  return std::abs(mu - center) > S(sk.shift) * scale || std::abs(sd / scale - 1) > S(sk.shift);
 }
 
 // --- the transform ------------------------------------------------------------------------------
@@ -413,9 +467,9 @@ std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torc
                      std::copy(cn.n.begin(), cn.n.end(), co + c * K);
                      std::copy(cn.ties.begin(), cn.ties.end(), to + c * K);
                      std::copy(cn.bottom.begin(), cn.bottom.end(), bo + c * K);
-                     mo[c] = double(N * S);
-                     mo[C + c] = cn.s1;
-                     mo[2 * C + c] = cn.s2;
+                     mo[c] = cn.finite;
+                     mo[C + c] = cn.sum();
+                     mo[2 * C + c] = cn.sumsq();
                    });
   });
   return {counts, bottom, ties, moments};
@@ -426,7 +480,7 @@ std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torc
 // when normal. With observe, the sketch's cdf and weight take the batch (momentum < 0:
 // cumulative).
 std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torch::Tensor bottom, torch::Tensor local_n,
-                                  bool normal, double tail, torch::Tensor cdf, torch::Tensor weight, double momentum,
+                                  bool normal, double tail, double smoothing, torch::Tensor cdf, torch::Tensor weight, double momentum,
                                   bool observe) {
   TORCH_CHECK(counts.scalar_type() == torch::kFloat64 && ties.scalar_type() == torch::kFloat64 &&
               local_n.scalar_type() == torch::kFloat64 && counts.is_contiguous() && ties.is_contiguous() &&
@@ -442,7 +496,7 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
     using T = scalar_t;
     const T* bp = bottom.data_ptr<T>();
     T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
-    Output out{normal, tail};
+    Output out{normal, tail, smoothing};
     if (C > 0) out.cache_counts(std::accumulate(cp, cp + K, 0.0), K);  // channels are counted alike
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> edge_out;
@@ -466,12 +520,13 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
 // update the running mean and var in place and return (regrid, std): the channels whose grid
 // must move, and the std to move it to.
 std::vector<torch::Tensor> follow(torch::Tensor moments, torch::Tensor mean, torch::Tensor var, torch::Tensor center,
-                                  torch::Tensor scale, torch::Tensor ready, double momentum, double shift) {
+                                  torch::Tensor scale, torch::Tensor ready, torch::Tensor weight, double momentum,
+                                  double shift) {
   TORCH_CHECK(moments.scalar_type() == torch::kFloat64 && ready.scalar_type() == torch::kBool, "bad follow arguments");
   const int64_t C = mean.numel();
   auto regrid = torch::zeros({C}, ready.options());
   auto stdev = torch::empty_like(mean);
-  const Sketch sk{{}, {}, mean, var, center, scale, ready, momentum, shift};
+  const Sketch sk{{}, weight, mean, var, center, scale, ready, momentum, shift};
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "pit_follow", [&] {
     const double* mp = moments.data_ptr<double>();
     bool* rg = regrid.data_ptr<bool>();
@@ -501,10 +556,10 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
 // The whole training forward of one process in one call, channel by channel: the counts on a
 // copy of the grid, the tables (observing the batch into the sketch when observe), with
 // do_follow the grid follow, and y. Returns y, the grid copy and the tables the backward needs,
-// and follow's (regrid, std) for the caller to move the grids (regrid all false without
-// do_follow).
+// follow's (regrid, std) for the caller to move the grids (regrid all false without
+// do_follow), and each channel's count of finite values.
 std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
-                                   double tail, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
+                                   double tail, double smoothing, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
                                    torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
                                    bool do_follow, torch::Tensor weight, torch::Tensor bias) {
   auto c0 = center.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
@@ -517,6 +572,8 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
        atom = torch::empty_like(lo), y = torch::empty_like(x);
   auto regrid = torch::zeros({C}, ready.options());
   auto stdev = scale.clone();
+  auto finite = torch::empty({C}, x.options().dtype(torch::kFloat64));
+  double* fp = finite.data_ptr<double>();
   const Sketch sk{cdf, sketch_weight, mean, var, center, scale, ready, momentum, shift};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_forward", [&] {
     using T = scalar_t;
@@ -527,17 +584,19 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
     bool* rg = regrid.data_ptr<bool>();
     const double n = double(N * S);
-    Output out{normal, tail};
+    Output out{normal, tail, smoothing};
     out.cache_counts(n, K);
     count_channels(xp, N, C, S, K, c0.data_ptr<T>(), s0.data_ptr<T>(), B, [&](int64_t c, const Counts<T>& cn) {
       std::vector<double> edge_out;
       const int64_t o = c * K;
-      channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), n, K, out, edge_out, lop + o, spp + o, tip + o,
-                     ap + o);
+      channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), cn.finite, K, out, edge_out, lop + o, spp + o,
+                     tip + o, ap + o);
+      fp[c] = cn.finite;
       tab.ties[c] = std::any_of(cn.ties.begin(), cn.ties.end(), [](int32_t m) { return m > 1; });
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
-        if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, n);
-        if (do_follow) rg[c] = follow_channel<scalar_t>(sk, c, n, cn.s1, cn.s2, stdev.data_ptr<scalar_t>() + c);
+        if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, cn.finite);
+        if (do_follow)
+          rg[c] = follow_channel<scalar_t>(sk, c, cn.finite, cn.sum(), cn.sumsq(), stdev.data_ptr<scalar_t>() + c);
       });
       if (B == 1) apply_rows(tab, xp, C, S, c, 0, N, wp[c], bp[c], yp);  // its values still in cache
     });
@@ -551,7 +610,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       });
     }
   });
-  return {y, c0, s0, lo, span, tie, atom, regrid, stdev};
+  return {y, c0, s0, lo, span, tie, atom, regrid, stdev, finite};
 }
 
 // grad_x = grad_y w_c dg/dx, grad_w_c = sum grad_y g, grad_b_c = sum grad_y (g recomputed from x).

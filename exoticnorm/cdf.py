@@ -1,0 +1,162 @@
+"""The PIT norm's math as functions of tensors: the batch's training transform and the eval map.
+
+A channel's values sit on a grid of K bins at positions t = K·u(x) (``QuantileSketch.position``).
+
+Training: from the batch's bin counts, G_j = (values below edge j)/n at the K + 1 edges. The
+transform is piecewise linear in t between knots: every r-th edge and the bottom of every bin
+whose smallest value is tied (ReLU zeros), with
+
+    r = ⌈s·K / n⌉ clamped to [1, K]   (s = ``smoothing``, values per linear piece on average),
+
+so a channel with many values (n ≥ s·K) is exact at every edge, and one with few values is a
+coarser histogram CDF. At a knot the output is g(G) (just after the tied values' share m/n
+for a tied bin; the ties themselves map to their mid-rank g(G + m/2n)), and it rises linearly
+to g(G) at the next knot; g is the identity (uniform output) or Φ⁻¹ on G clipped to
+[tail, 1 − tail] (normal output). The slope (the transform's gradient) is a histogram density
+over pieces holding about s values each, so it stays bounded however few values a channel has
+(a piece per bin would give slopes growing like K/n).
+
+Eval: F from the running sketch, mixed with 2ε of the grid's own heavy-tailed shape,
+F = (1 − 2ε) F_sketch + 2ε·u, ε = 1/(n + 2) after n values, so values beyond anything seen
+still map in order.
+
+The CPU kernel (``exoticnorm/csrc/pit_cpu.cpp``) computes the same tables; tests hold the two
+to 1e-10 in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .kernels import pit_cpu
+
+__all__ = ["coarsening", "output_map", "batch_counts", "batch_tables", "apply_tables", "eval_cdf",
+           "FusedTransform", "TableTransform"]
+
+
+def coarsening(n: Tensor, bins: int, smoothing: float) -> Tensor:
+    """r = ⌈smoothing·K/n⌉ in [1, K] per channel (n: finite values per channel, (C, 1))."""
+    if smoothing <= 0:
+        return torch.ones_like(n, dtype=torch.long)
+    r = torch.ceil(smoothing * bins / n.clamp_min(1e-300))
+    return torch.nan_to_num(r, nan=1.0, posinf=float(bins)).clamp(1, bins).long()
+
+
+def output_map(output: str, tail: float):
+    """g: the identity for "uniform", Φ⁻¹(clamp(u, tail, 1 − tail)) for "normal"."""
+    if output == "uniform":
+        return lambda u: u
+    return lambda u: torch.special.ndtri(u.clamp(tail, 1.0 - tail))
+
+
+def batch_counts(x3: Tensor, t: Tensor, bins: int, center: Tensor) -> tuple[Tensor, ...]:
+    """From x3 (N, C, S) at grid positions t: bin indices (flat c·K + k), bin counts (C, K),
+    each bin's smallest value, the ties at it (C, K), and the moments (3, C) in float64: count,
+    sum and sum of squares, over finite values only (shifted by the grid's ``center``, so far
+    off-centre values neither overflow nor cancel)."""
+    c = x3.shape[1]
+    finite = t == t  # non-finite values have NaN positions
+    bin_ = torch.nan_to_num(t.detach(), nan=0.0).floor().clamp_(0, bins - 1).long()
+    flat = (bin_ + torch.arange(c, device=x3.device).view(1, -1, 1) * bins).reshape(-1)
+    values = x3.detach()
+    counts = torch.bincount(flat, weights=finite.reshape(-1).double(), minlength=c * bins).view(c, bins)
+    inf = values.new_full((), float("inf"))
+    bottom = values.new_full((c * bins,), float("inf")).scatter_reduce(
+        0, flat, torch.where(finite, values, inf).reshape(-1), "amin")
+    tie = (values.reshape(-1) == bottom[flat]) & finite.reshape(-1)
+    ties = torch.zeros(c * bins, dtype=torch.float64, device=x3.device).scatter_add_(0, flat, tie.double())
+    d = torch.where(finite, values - center.view(1, -1, 1), 0.0).double()
+    n = finite.sum((0, 2)).double()
+    s1, s2 = d.sum((0, 2)), (d * d).sum((0, 2))
+    c0 = center.double()
+    moments = torch.stack([n, s1 + n * c0, s2 + 2 * c0 * s1 + n * c0 * c0])
+    return flat, counts, bottom, ties.view(c, bins), moments
+
+
+def batch_tables(counts: Tensor, ties: Tensor, local_n: Tensor, output: str, tail: float,
+                 smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-bin tables (C, K) of the training transform (module docstring): lo (output at the
+    bin's bottom, after any ties there), span (its rise across the bin), atom (the ties'
+    output) and whether the bin has ties. ``counts`` may be summed over processes; ``ties`` and
+    ``local_n`` (C, 1) are this process's."""
+    c, k = counts.shape
+    g = output_map(output, tail)
+    n = counts.sum(1, keepdim=True)
+    r = coarsening(n, k, smoothing)
+    edges = torch.cat([counts.new_zeros(c, 1), counts.cumsum(1)], 1) / n
+    at_edges = g(edges)
+    has_atom = ties > 1
+    share = torch.where(has_atom, ties, 0.0) / local_n
+    below = edges[:, :-1]
+    idx = torch.arange(k, device=counts.device).expand(c, k)
+    knot = (idx % r == 0) | has_atom
+    p = torch.where(knot, idx, 0).cummax(1).values
+    knot_above = torch.cat([knot[:, 1:], knot.new_ones(c, 1)], 1)  # knot at edge j + 1
+    q = torch.where(knot_above, idx + 1, k).flip(1).cummin(1).values.flip(1)
+    start = torch.where(has_atom, g(below + share), at_edges[:, :-1]).gather(1, p)
+    span = (at_edges.gather(1, q) - start) / (q - p)
+    lo = start + (idx - p) * span
+    atom = torch.where(has_atom, g(below + share / 2), lo)
+    return lo, span, atom, has_atom
+
+
+def apply_tables(x3: Tensor, t: Tensor, flat: Tensor, bottom: Tensor, tables: tuple[Tensor, ...],
+                 weight: Tensor, bias: Tensor) -> Tensor:
+    """y = γ (lo_k + span_k (t − k)) + β at position t in bin k; γ·atom_k + β for a tie."""
+    lo, span, atom, has_atom = tables
+    at = lambda table: table.flatten()[flat].view_as(t)  # noqa: E731
+    bin_ = (flat % lo.shape[1]).view_as(t).to(t.dtype)
+    g = at(lo) + at(span) * (t - bin_)
+    g = torch.where(at(has_atom) & (x3 == bottom[flat].view_as(t)), at(atom), g)
+    return g * weight.view(1, -1, 1) + bias.view(1, -1, 1)
+
+
+def eval_cdf(cdf_edges: Tensor, t: Tensor, seen: Tensor, bins: int) -> Tensor:
+    """F(x) for eval from the sketch's edge CDF (C, K − 1) at positions t (C, …), mixed with
+    2ε of the grid's shape, ε = 1/(seen + 2); clamped to [1e-12, 1 − 1e-12]."""
+    from .sketch import QuantileSketch
+
+    f = QuantileSketch.interpolate(cdf_edges, t)
+    eps = (1.0 / (seen + 2.0)).to(t.dtype).view(-1, *[1] * (t.ndim - 1))
+    return ((1.0 - 2.0 * eps) * f + (2.0 * eps / bins) * t).clamp(1e-12, 1.0 - 1e-12)
+
+
+class _KernelTransform(torch.autograd.Function):
+    """Shared backward of the CPU kernel's transform: the tables are constants (as the bin
+    counts are), so the gradient is the transform's local slope."""
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy: Tensor, *_):
+        x3, weight, *tables = ctx.saved_tensors
+        gx, gw, gb = pit_cpu().backward(gy.contiguous(), x3, *tables, weight)
+        return gx, gw, gb, *[None] * ctx.extra
+
+
+class FusedTransform(_KernelTransform):
+    """The single-process training forward as one kernel call: counts on a copy of the grid,
+    tables, the sketch's update (cdf, weight, mean, var, ready, updated in place) and y.
+    Returns y and, without gradient, the (regrid, std) with which the caller moves grids and
+    each channel's count of finite values."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, center, scale, cdf, seen, mean, var, ready, config):
+        bins, normal, tail, smoothing, momentum, shift, observe, follow = config
+        y, c0, s0, *tables, regrid, std, finite = pit_cpu().forward(
+            x3, center, scale, bins, normal, tail, smoothing, cdf, seen, mean, var, ready, momentum,
+            shift, observe, follow, weight, bias)
+        ctx.save_for_backward(x3, weight, c0, s0, *tables)
+        ctx.extra = 8
+        ctx.mark_non_differentiable(regrid, std, finite)
+        return y, regrid, std, finite
+
+
+class TableTransform(_KernelTransform):
+    """y from tables already built (the distributed path: counts summed over ranks first)."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, center, scale, lo, span, tie, atom):
+        ctx.save_for_backward(x3, weight, center, scale, lo, span, tie, atom)
+        ctx.extra = 6
+        return pit_cpu().apply(x3, center, scale, lo, span, tie, atom, weight, bias)
