@@ -103,6 +103,8 @@ class Norm(nn.Module):
             self._check_batch(x)
         return self._normalize(x)
 
+    #: spatial dims the input needs at least (1 for per-sample, per-channel norms such as "in")
+    min_spatial_dims = 0
     #: True for norms that compute statistics over the batch (they need 2+ values per channel)
     batch_statistics = False
     #: False for norms whose training transform cannot run under torch.func.vmap
@@ -122,11 +124,13 @@ class Norm(nn.Module):
                 "call .eval() to use the running statistics, or use a per-sample norm such as "
                 "'gn' or 'ln'"
             )
-        if not self.vmap_training and torch._C._functorch.is_batchedtensor(x):
+        tracking = self.training and getattr(self, "track_running_stats", False)
+        if (tracking or not self.vmap_training) and torch._C._functorch.is_batchedtensor(x):
             raise InputError(
-                f"{name} does not support torch.func.vmap in training (its batch statistics "
-                "run in a custom autograd Function); call .eval() inside vmap, or loop over "
-                "the vmapped dimension"
+                f"{name} does not support torch.func.vmap in training: its running statistics "
+                "would be updated in place from a vmapped batch (and whitening/PIT batch "
+                "statistics run in custom autograd Functions); call .eval() inside vmap, or "
+                "loop over the vmapped dimension"
             )
 
     def _normalize(self, x: Tensor) -> Tensor:
@@ -193,6 +197,8 @@ class RunningStatsNorm(Norm):
         super().reset_parameters()
 
     batch_statistics = True
+    #: False for norms without a cumulative mode (momentum=None), which precise statistics skip
+    cumulative = True
 
     @property
     def uses_batch_stats(self) -> bool:

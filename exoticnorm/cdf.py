@@ -124,11 +124,16 @@ def eval_cdf(cdf_edges: Tensor, t: Tensor, seen: Tensor, bins: int) -> Tensor:
 
 class _KernelTransform(torch.autograd.Function):
     """Shared backward of the CPU kernel's transform: the tables are constants (as the bin
-    counts are), so the gradient is the transform's local slope."""
+    counts are), so the gradient is the transform's local slope. Once differentiable: a double
+    backward raises."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy: Tensor, *_):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "the PIT norm's CPU kernel is not twice differentiable: double backward "
+                "(create_graph=True, e.g. a gradient penalty) is not supported; set "
+                "EXOTICNORM_NO_KERNELS=1 to use the torch-ops path, which is")
         x3, weight, *tables = ctx.saved_tensors
         gx, gw, gb = pit_cpu().backward(gy.contiguous(), x3, *tables, weight)
         return gx, gw, gb, *[None] * ctx.extra

@@ -73,6 +73,8 @@ class InstanceNorm(GroupNorm):
     Unlike torch.nn.InstanceNorm2d the affine is on by default, as for every exoticnorm norm.
     """
 
+    min_spatial_dims = 1
+
     def __init__(self, num_features, eps=1e-5, affine=True, device=None, dtype=None) -> None:
         super().__init__(num_features, num_features, eps, affine, device, dtype)
 

@@ -23,12 +23,13 @@ def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged
     """Recompute the running statistics of the norms in ``model`` from ``batches``.
 
     Norms are those with running statistics and, when ``only_flagged``, ``precise_eval`` set
-    (whitening, PIT). Their statistics are reset and averaged cumulatively over the batches in
+    (whitening, PIT); norms without a cumulative mode (``cumulative = False``) are skipped. Their statistics are reset and averaged cumulatively over the batches in
     training mode; every other module runs in eval mode (no dropout). Returns how many norms
     were recomputed (0: the batches were not used).
     """
     norms = [m for m in model.modules()
              if getattr(m, "track_running_stats", False) and hasattr(m, "reset_running_stats")
+             and getattr(m, "cumulative", True)
              and (getattr(m, "precise_eval", False) or not only_flagged)]
     if not norms:
         return 0

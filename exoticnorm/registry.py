@@ -136,8 +136,9 @@ _CARRIED_OPTIONS = ("eps", "momentum", "affine", "track_running_stats")
 
 def _convert_one(source: nn.Module, to: str, kwargs: dict[str, Any]) -> nn.Module:
     valid = norm_options(to)
+    accepted = inspect.signature(type(source).__init__).parameters  # options the source was built with
     carried = {k: getattr(source, k) for k in _CARRIED_OPTIONS
-               if k in valid and k not in kwargs and hasattr(source, k)}
+               if k in valid and k in accepted and k not in kwargs and hasattr(source, k)}
     target = create_norm(to, source.num_features, **{**carried, **kwargs})
     floats = [t for t in (*source.parameters(False), *source.buffers(False)) if t.is_floating_point()]
     if floats and not {"device", "dtype"} & kwargs.keys():

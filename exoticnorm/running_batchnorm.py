@@ -18,15 +18,18 @@ __all__ = ["RunningBatchNorm"]
 class RunningBatchNorm(RunningStatsNorm):
     """Batch norm for small batches: normalize with exponential averages that include this batch.
 
-    Each training batch of B samples and n values per channel moves the per-channel sums
-    S ← lerp(S, Σx, m), Q ← lerp(Q, Σx², m) and the count c ← lerp(c, n, m), with the
-    batch-size-dependent momentum m = 1 − (1 − momentum) / sqrt(max(B − 1, 1)). Then
-    μ = S / c, σ² = Q / c − μ² (at least 0.01 until 20 samples were seen), and
+    Each training batch of B samples, n values per channel, sum s_b and centred sum of squares
+    r_b = Σ(x − μ_b)² moves the per-channel sum S ← lerp(S, s_b, m), count c ← lerp(c, n, m) and
+    centred sum of squares R ← (1 − m) R + m r_b + w₁w₂/(w₁ + w₂)·(S/c − μ_b)² (w₁ = (1 − m) c,
+    w₂ = m n: the exact R of fastai's lerped sums of squares, without their cancellation),
+    with the batch-size-dependent momentum m = 1 − (1 − momentum) / sqrt(max(B − 1, 1)). Then
+    μ = S / c, σ² = R / c (at least 0.01 until 20 samples were seen), and
     y = (x − μ) / sqrt(σ² + eps) · γ + β, with gradients through this batch's share.
     Eval uses the same statistics without moving them.
 
     fastai also divides S, Q and c by a debiasing factor; it cancels in S / c and Q / c, so it
-    is left out here.
+    is left out here. ``sqrs`` holds R (state_dict version 2; version-1 dicts, which held the
+    raw sum of squares Q = R + S²/c, are converted on load).
     """
 
     _running_stats = {
@@ -52,6 +55,10 @@ class RunningBatchNorm(RunningStatsNorm):
             raise ValueError("RunningBatchNorm needs a float momentum; it has no cumulative mode")
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
 
+    _version = 2
+    cumulative = False
+
+    @torch.compiler.disable  # buffers rewritten from this batch's share: eager only
     def _normalize(self, x: Tensor) -> Tensor:
         dtype = EF.stats_dtype(x)
         sums, sqrs, count, samples = (
@@ -60,11 +67,13 @@ class RunningBatchNorm(RunningStatsNorm):
         if self.training:
             self.update_factor()
             m = 1.0 - (1.0 - self.momentum) / math.sqrt(max(x.shape[0] - 1, 1))
-            xs = x.to(dtype)
-            dims = EF.channel_dims(x)
-            sums = torch.lerp(sums, xs.sum(dims), m)
-            sqrs = torch.lerp(sqrs, (xs * xs).sum(dims), m)
-            count = torch.lerp(count, count.new_tensor(float(EF.values_per_channel(x))), m)
+            n = float(EF.values_per_channel(x))
+            var_b, mean_b = torch.var_mean(x.to(dtype), dim=EF.channel_dims(x), correction=0)
+            w1, w2 = (1.0 - m) * count, m * n
+            old_mean = torch.where(count > 0, sums / count.clamp_min(1e-12), mean_b)
+            sqrs = (1.0 - m) * sqrs + m * n * var_b + w1 * w2 / (w1 + w2) * (old_mean - mean_b) ** 2
+            sums = torch.lerp(sums, n * mean_b, m)
+            count = torch.lerp(count, count.new_tensor(n), m)
             samples = samples + x.shape[0]
             with torch.no_grad():
                 for buffer, value in zip(
@@ -73,6 +82,16 @@ class RunningBatchNorm(RunningStatsNorm):
                     buffer.copy_(value)
         seen = count > 0
         mean = torch.where(seen, sums / count.clamp_min(1e-12), 0.0)
-        var = torch.where(seen, (sqrs / count.clamp_min(1e-12) - mean * mean).clamp_min(0.0), 1.0)
+        var = torch.where(seen, (sqrs / count.clamp_min(1e-12)).clamp_min(0.0), 1.0)
         var = torch.where(samples < self.min_samples, var.clamp_min(self.min_var), var)
         return EF.affine_normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        keys = [prefix + k for k in ("sums", "sqrs", "count")]
+        if version is not None and version < 2 and all(k in state_dict for k in keys):
+            sums, sqrs, count = (state_dict[k] for k in keys)  # Q → R = Q − S²/c
+            state_dict[keys[1]] = torch.where(count > 0, sqrs - sums * sums / count.clamp_min(1e-12), sqrs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

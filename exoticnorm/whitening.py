@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from .functional import autocast_off
+
 
 __all__ = [
     "group_view",
@@ -152,17 +154,19 @@ def grouped_vector(v: Tensor | None, group_size: int, fill: float) -> Tensor | N
 
 
 def apply_map(a: Tensor, b: Tensor, xv: Tensor, shape: torch.Size) -> Tensor:
-    """y = A x + b for grouped samples xv (B, G, c, S), returned as a new tensor of ``shape``
-    (never a view, so callers may modify it in place)."""
-    if len(shape) > 2 and shape[1] == xv.shape[1] * xv.shape[2]:  # no padding: write in place
+    """y = A x + b for grouped samples xv (B, G, c, S), as a tensor of ``shape``. Without
+    autograd it is written straight into a new tensor (no view, so the custom Function's output
+    may be modified in place)."""
+    tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or xv.requires_grad)
+    if not tracked and len(shape) > 2 and shape[1] == xv.shape[1] * xv.shape[2]:  # no padding
         y = xv.new_empty(shape)
         yv = group_view(y, xv.shape[2])
         bsz, g, c, s = xv.shape
         torch.bmm(a.expand(bsz, g, c, c).reshape(bsz * g, c, c), xv.reshape(bsz * g, c, s),
                   out=yv.view(bsz * g, c, s))
         return y.add_(b.reshape(1, -1, *[1] * (len(shape) - 2)))
-    return ungroup(block_matmul(a, xv).add_(b.unsqueeze(-1)), shape).clone(
-        memory_format=torch.contiguous_format)
+    y = ungroup(block_matmul(a, xv).add(b.unsqueeze(-1)), shape)
+    return y if tracked else y.clone(memory_format=torch.contiguous_format)
 
 
 class WhitenBatch(torch.autograd.Function):
@@ -211,9 +215,14 @@ class WhitenBatch(torch.autograd.Function):
                 "exoticnorm whitening norms are not twice differentiable: double backward "
                 "(create_graph=True, e.g. a gradient penalty) is not supported; use the "
                 "norm in eval mode (an affine map) for that part of the loss")
+        with autocast_off(grad):  # a backward called inside autocast stays in the statistics' dtype
+            return WhitenBatch._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
         (xc,) = ctx.saved_tensors
         leaf, params, a, b = ctx.graph
-        grad = group_view(grad, xc.shape[2])
+        grad = group_view(grad.to(xc.dtype), xc.shape[2])
         m = sample_count(xc)
         grad_b = grad.sum((0, 3))
         grad_a = torch.matmul(grad, xc.mT).sum(0)
