@@ -14,6 +14,7 @@ from .registry import (
     norm_options,
     register_norm,
 )
+from .norms import BUILTIN_NORMS
 from .pit import PITNorm
 from .running_batchnorm import RunningBatchNorm
 from .sketch import QuantileSketch
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "BUILTIN_NORMS",
     "whitening",
     "Norm",
     "RunningStatsNorm",

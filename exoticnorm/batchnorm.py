@@ -8,12 +8,10 @@ from torch import Tensor
 
 from . import functional as EF
 from .base import InputError, RunningStatsNorm
-from .registry import register_norm
 
 __all__ = ["BatchNorm", "BatchNormMean", "BatchNormVar", "FrozenAffineBatchNorm"]
 
 
-@register_norm("bn")
 class BatchNorm(RunningStatsNorm):
     """Batch normalization: y = (x − μ_B) / sqrt(σ²_B + eps) · γ + β over every dim but C.
 
@@ -45,7 +43,6 @@ class BatchNorm(RunningStatsNorm):
         )
 
 
-@register_norm("bn-mean")
 class BatchNormMean(BatchNorm):
     """Lite batch norm that only centres: y = (x − μ_B) · γ + β (no division by the std)."""
 
@@ -54,7 +51,6 @@ class BatchNormMean(BatchNorm):
     _convertible_state = ("weight", "bias", "running_mean", "num_batches_tracked")
 
 
-@register_norm("bn-var")
 class BatchNormVar(BatchNorm):
     """Lite batch norm that only scales: y = x / sqrt(σ²_B + eps) · γ + β (the mean stays)."""
 
@@ -63,7 +59,6 @@ class BatchNormVar(BatchNorm):
     _convertible_state = ("weight", "bias", "running_var", "num_batches_tracked")
 
 
-@register_norm("bn-frozen")
 class FrozenAffineBatchNorm(BatchNorm):
     """Batch norm with γ, β fixed (not trained): γ = 1, β = 0 unless converted from a trained norm.
 

@@ -9,12 +9,10 @@ from torch import Tensor
 
 from . import functional as EF
 from .base import InputError, Norm
-from .registry import register_norm
 
 __all__ = ["GroupNorm", "LayerNorm", "InstanceNorm"]
 
 
-@register_norm("gn")
 class GroupNorm(Norm):
     """Group norm: per sample, normalize each group of C/G channels over (channels, *spatial).
 
@@ -55,7 +53,6 @@ class GroupNorm(Norm):
         return {"num_groups": self.num_groups}
 
 
-@register_norm("ln")
 class LayerNorm(GroupNorm):
     """Layer norm, channels-first: per sample over (C, *spatial), then per-channel γ, β (G = 1)."""
 
@@ -66,7 +63,6 @@ class LayerNorm(GroupNorm):
         return {}
 
 
-@register_norm("in")
 class InstanceNorm(GroupNorm):
     """Instance norm: per sample and per channel over the spatial dims (G = C), with γ, β.
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 from torch import Tensor
 
 from .base import Norm
-from .registry import register_norm
 
 __all__ = ["NoNorm"]
 
 
-@register_norm("none")
 class NoNorm(Norm):
     """No normalization: y = x (the channel count is still checked)."""
 

@@ -28,7 +28,6 @@ from . import cdf
 from . import functional as EF
 from .base import RunningStatsNorm
 from .kernels import pit_cpu
-from .registry import register_norm
 from .sketch import QuantileSketch
 
 __all__ = ["PITNorm"]
@@ -43,7 +42,6 @@ def _distributed() -> bool:
 OUTPUTS = ("normal", "uniform")
 
 
-@register_norm("pit")
 class PITNorm(RunningStatsNorm):
     """PIT norm: y = γ ∘ Φ⁻¹(F(x)) + β (or F(x) with output="uniform"), F from the batch in
     training and from a running quantile sketch in eval."""

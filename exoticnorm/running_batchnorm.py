@@ -9,12 +9,10 @@ from torch import Tensor
 
 from . import functional as EF
 from .base import RunningStatsNorm
-from .registry import register_norm
 
 __all__ = ["RunningBatchNorm"]
 
 
-@register_norm("running-bn")
 class RunningBatchNorm(RunningStatsNorm):
     """Batch norm for small batches: normalize with exponential averages that include this batch.
 

@@ -24,7 +24,6 @@ from torch import Tensor
 from . import functional as EF
 from . import whitening as W
 from .base import InputError, RunningStatsNorm
-from .registry import register_norm
 
 __all__ = ["ZCANorm", "BlockZCANorm", "SparseZCANorm"]
 
@@ -229,7 +228,6 @@ _COMMON_DOC = """
 """
 
 
-@register_norm("zca")
 class ZCANorm(_Whitening):
     """ZCA whitening from the full C×C covariance: y = γ ∘ Σ^(-1/2) (x − μ) + β."""
 
@@ -243,7 +241,6 @@ class ZCANorm(_Whitening):
                          process_group, device, dtype)
 
 
-@register_norm("block-zca")
 class BlockZCANorm(_Whitening):
     """Block-diagonal ZCA: each group of ``group_size`` channels whitened on its own.
 
@@ -264,7 +261,6 @@ class BlockZCANorm(_Whitening):
         return {"group_size": self.group_size, **super()._extra_fields()}
 
 
-@register_norm("sparse-zca")
 class SparseZCANorm(_Whitening):
     """Sparsified ZCA: keep the ``density`` fraction of largest off-diagonal entries.
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import exoticnorm as en
 from exoticnorm.sketch import QuantileSketch
 
 
@@ -89,3 +90,59 @@ def test_bad_arguments():
         QuantileSketch(2, bins=1)
     with pytest.raises(ValueError, match="momentum"):
         QuantileSketch(2, momentum=0.0)
+
+
+def test_nonfinite_values_are_left_out_and_counted():
+    s = QuantileSketch(1)
+    x = torch.randn(1, 256)
+    x[0, 3] = float("nan")
+    x[0, 4] = float("inf")
+    s.update(x)
+    assert torch.isfinite(s.center).all() and torch.isfinite(s.cdf).all()
+    assert s.nonfinite.item() == 2 and s.weight.item() == 254
+    before = {k: v.clone() for k, v in s.state_dict().items()}
+    s.update(torch.full((1, 256), float("nan")))  # an all-NaN batch changes nothing but the count
+    for k, v in s.state_dict().items():
+        if k != "nonfinite":
+            assert torch.equal(v, before[k]), k
+    assert s.nonfinite.item() == 258
+
+
+@pytest.mark.parametrize("momentum", [None, 0.1])
+def test_grid_readapts_when_the_scale_moves_by_orders_of_magnitude(momentum):
+    """Cumulative mode: the pooled CDF of N(0, 1) (1 batch) and N(0, 1e12) (20 batches);
+    with a momentum: close to N(0, 1e12) (0.9^20 of the old mass is left)."""
+    torch.manual_seed(0)
+    s = QuantileSketch(1, momentum=momentum)
+    s.update(torch.randn(1, 4096))
+    for _ in range(20):
+        s.update(1e6 * torch.randn(1, 4096))
+    q = torch.tensor([[-1e6, 0.0, 1e6]])
+    phi = torch.tensor([0.158655, 0.5, 0.841345])
+    if momentum is None:
+        want = (20 * phi + torch.tensor([0.0, 0.5, 1.0])) / 21
+        tol = 0.025  # the N(0, 1) mass, 1/21, shares one bin of the moved grid
+    else:
+        want, tol = phi, 0.03
+    assert (s.cdf_at(q)[0] - want).abs().max() <= tol
+
+
+def test_low_precision_modules_keep_float32_state():
+    s = QuantileSketch(2).bfloat16()
+    assert s.cdf.dtype == torch.float32
+    s.update(torch.randn(2, 100))
+    assert torch.allclose(s.cdf_at(torch.full((2, 1), 1e9)), torch.ones(2, 1))
+    m = en.PITNorm(4).half()
+    y = m(torch.randn(16, 4, 3).half())
+    assert y.dtype == torch.float16 and m.sketch.cdf.dtype == torch.float32 and torch.isfinite(y).all()
+
+
+def test_loads_a_version_1_state_dict_without_nonfinite():
+    s = QuantileSketch(2)
+    s.update(torch.randn(2, 64))
+    state = s.state_dict()
+    del state["nonfinite"]
+    state._metadata[""]["version"] = 1
+    fresh = QuantileSketch(2)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.cdf, s.cdf) and fresh.nonfinite.sum() == 0

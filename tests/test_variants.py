@@ -139,3 +139,31 @@ def test_none_is_identity_but_checks_channels():
     assert m(x) is x and list(m.parameters()) == []
     with pytest.raises(en.InputError, match="built for 4 channels"):
         m(torch.randn(3, 5))
+
+
+def test_running_bn_keeps_precision_far_from_zero():
+    """float32 input offset by 1e4: the centred sums keep the std (raw sums of squares gave
+    an output std of 156)."""
+    torch.manual_seed(0)
+    m = en.create_norm("running-bn", 4)
+    for _ in range(30):
+        y = m(torch.randn(16, 4, 5) + 1e4)
+    assert abs(y.std().item() - 1) < 0.1
+    m.eval()
+    assert abs(m(torch.randn(16, 4, 5) + 1e4).std().item() - 1) < 0.15
+
+
+def test_running_bn_loads_version_1_state():
+    """Version 1 held the raw sum of squares Q; loading converts it to R = Q − S²/c."""
+    torch.manual_seed(0)
+    m = en.create_norm("running-bn", 3)
+    for _ in range(5):
+        m(torch.randn(8, 3) * 2 + 1)
+    state = m.state_dict()
+    old = dict(state)
+    old["sqrs"] = state["sqrs"] + state["sums"] ** 2 / state["count"]
+    old = type(state)(old)
+    old._metadata = {"": {"version": 1}}
+    fresh = en.create_norm("running-bn", 3)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.sqrs, m.sqrs, rtol=1e-4, atol=1e-4)
