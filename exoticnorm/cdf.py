@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .kernels import pit_cpu
 
-__all__ = ["coarsening", "output_map", "batch_counts", "batch_tables", "apply_tables", "eval_cdf",
+__all__ = ["coarsening", "output_map", "batch_counts", "largest_ties", "batch_tables", "apply_tables", "eval_cdf",
            "FusedTransform", "TableTransform"]
 
 
@@ -74,6 +74,15 @@ def batch_counts(x3: Tensor, t: Tensor, bins: int, center: Tensor) -> tuple[Tens
     return flat, counts, bottom, ties.view(c, bins), moments
 
 
+def largest_ties(bottom: Tensor, ties: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel, the value and size of its largest tie (NaN, 0 without ties) from each bin's
+    bottom (C·K,) or (C, K) and its ties (C, K)."""
+    size, k = ties.max(1)
+    value = bottom.view(ties.shape).gather(1, k.unsqueeze(1)).squeeze(1).double()
+    has = size > 1
+    return torch.where(has, value, float("nan")), torch.where(has, size, 0.0).double()
+
+
 def batch_tables(counts: Tensor, ties: Tensor, local_n: Tensor, output: str, tail: float,
                  smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-bin tables (C, K) of the training transform (module docstring): lo (output at the
@@ -112,12 +121,9 @@ def apply_tables(x3: Tensor, t: Tensor, flat: Tensor, bottom: Tensor, tables: tu
     return g * weight.view(1, -1, 1) + bias.view(1, -1, 1)
 
 
-def eval_cdf(cdf_edges: Tensor, t: Tensor, seen: Tensor, bins: int) -> Tensor:
-    """F(x) for eval from the sketch's edge CDF (C, K − 1) at positions t (C, …), mixed with
-    2ε of the grid's shape, ε = 1/(seen + 2); clamped to [1e-12, 1 − 1e-12]."""
-    from .sketch import QuantileSketch
-
-    f = QuantileSketch.interpolate(cdf_edges, t)
+def eval_cdf(f: Tensor, t: Tensor, seen: Tensor, bins: int) -> Tensor:
+    """F for eval: the sketch's F(x) (C, …) at grid positions t, mixed with 2ε of the grid's
+    shape, ε = 1/(seen + 2); clamped to [1e-12, 1 − 1e-12]."""
     eps = (1.0 / (seen + 2.0)).to(t.dtype).view(-1, *[1] * (t.ndim - 1))
     return ((1.0 - 2.0 * eps) * f + (2.0 * eps / bins) * t).clamp(1e-12, 1.0 - 1e-12)
 
@@ -143,18 +149,18 @@ class FusedTransform(_KernelTransform):
     """The single-process training forward as one kernel call: counts on a copy of the grid,
     tables, the sketch's update (cdf, weight, mean, var, ready, updated in place) and y.
     Returns y and, without gradient, the (regrid, std) with which the caller moves grids and
-    each channel's count of finite values."""
+    per channel (3, C) the count of finite values and the value and size of its largest tie."""
 
     @staticmethod
     def forward(ctx, x3, weight, bias, center, scale, cdf, seen, mean, var, ready, config):
         bins, normal, tail, smoothing, momentum, shift, observe, follow = config
-        y, c0, s0, *tables, regrid, std, finite = pit_cpu().forward(
+        y, c0, s0, *tables, regrid, std, extras = pit_cpu().forward(
             x3, center, scale, bins, normal, tail, smoothing, cdf, seen, mean, var, ready, momentum,
             shift, observe, follow, weight, bias)
         ctx.save_for_backward(x3, weight, c0, s0, *tables)
         ctx.extra = 8
-        ctx.mark_non_differentiable(regrid, std, finite)
-        return y, regrid, std, finite
+        ctx.mark_non_differentiable(regrid, std, extras)
+        return y, regrid, std, extras
 
 
 class TableTransform(_KernelTransform):

@@ -39,6 +39,16 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _synced_ties(value: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """The ranks' largest ties per channel as one: the smallest tied value among the ranks
+    (ReLU zeros are 0 on every rank) and the sum of the ranks' ties at exactly that value."""
+    lowest = torch.nan_to_num(value, nan=float("inf")).clone()
+    dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
+    total = torch.where(value == lowest, size, 0.0)
+    dist.all_reduce(total)
+    return torch.where(torch.isinf(lowest), float("nan"), lowest), total
+
+
 OUTPUTS = ("normal", "uniform")
 
 
@@ -104,19 +114,23 @@ class PITNorm(RunningStatsNorm):
         if not _distributed():  # one C++ call
             config = (self.bins, normal, self.tail, self.smoothing, momentum, sketch.regrid_shift,
                       observe, not fresh)
-            y, regrid, std, finite = cdf.FusedTransform.apply(
+            y, regrid, std, (finite, atom, ties) = cdf.FusedTransform.apply(
                 x3, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean,
                 sketch.var, sketch.ready, config)
-            sketch.move_grids(regrid, std)
             if observe:
                 sketch.nonfinite.add_((x3.shape[0] * x3.shape[2] - finite).to(sketch.nonfinite.dtype))
+                sketch.observe_atoms(atom, ties / finite.clamp_min(1), finite)
+            sketch.move_grids(regrid, std)
             return y
         kernel = pit_cpu()
         center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
         counts, bottom, ties, moments = kernel.histogram(x3, center, scale, self.bins)
+        tied, size = _synced_ties(*cdf.largest_ties(bottom, ties))
         dist.all_reduce(counts)
         lo, span, tie, atom = kernel.tables(counts, ties, bottom, moments[0], normal, self.tail,
                                             self.smoothing, sketch.cdf, sketch.weight, momentum, observe)
+        if observe:
+            sketch.observe_atoms(tied, size / counts.sum(1).clamp_min(1), counts.sum(1))
         if not fresh:
             sketch.follow_moments(moments)
         return cdf.TableTransform.apply(x3, weight, bias, center, scale, lo, span, tie, atom)
@@ -136,6 +150,10 @@ class PITNorm(RunningStatsNorm):
         if self.training and self.track_running_stats:
             sketch.observe(counts.to(sketch.cdf.dtype))
             sketch.nonfinite.add_((x3.shape[0] * x3.shape[2] - moments[0]).to(sketch.nonfinite.dtype))
+            atom, size = cdf.largest_ties(bottom, ties)
+            if _distributed():
+                atom, size = _synced_ties(atom, size)
+            sketch.observe_atoms(atom, size / counts.sum(1).clamp_min(1), counts.sum(1))
         if not fresh:
             sketch.follow_moments(moments)
         tables = cdf.batch_tables(counts.to(x3.dtype), ties.to(x3.dtype), local_n.to(x3.dtype),
@@ -165,8 +183,9 @@ class PITNorm(RunningStatsNorm):
                     y3 = self._train_transform(rearrange(x3, "n c 1 -> 1 c n").contiguous())
                     return rearrange(y3, "1 c n -> n c 1").reshape(xs.shape).to(x.dtype)
                 return self._train_transform(x3.contiguous()).view(xs.shape).to(x.dtype)
+            f = self.sketch.cdf_at(xs.movedim(1, 0))
             t = self.sketch.position(xs, dim=1).movedim(1, 0)
-            u = cdf.eval_cdf(self.sketch.cdf.to(dtype), t, self.sketch.weight, self.bins).movedim(0, 1)
+            u = cdf.eval_cdf(f.to(dtype), t, self.sketch.weight, self.bins).movedim(0, 1)
             y = torch.special.ndtri(u) if self.output == "normal" else u
             y = EF.affine_normalize(y, None, None, self.weight, self.bias, 0.0)
         return y.to(x.dtype)

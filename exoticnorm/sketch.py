@@ -16,6 +16,11 @@ everything seen without); the CDF is re-interpolated onto a new grid when the ce
 more than ``regrid_shift`` scales or the scale changes by more than that fraction (in the
 cumulative mode: when the data leave the grid, e.g. a scale change by orders of magnitude).
 
+Atoms: each channel also keeps its largest tie (``atom``, e.g. the zeros after a ReLU) and the
+share of the values at it (``atom_mass``, averaged like the CDF). ``cdf_at`` gives a value
+equal to the atom its mid-rank F(a−) + m/2, and values above it in its bin start from
+F(a−) + m: the convention of PITNorm's training transform, so train and eval agree on ties.
+
 Non-finite values (NaN, ±inf) are left out of every statistic and counted per channel in
 ``nonfinite``; a batch without finite values changes nothing else. The state is float32 or
 float64: ``.half()``/``.bfloat16()`` on a model leave a sketch in float32. Sketches on the same grid merge exactly (counts add); inside a process group the
@@ -29,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import cdf as _cdf
 from .kernels import pit_cpu
 
 __all__ = ["QuantileSketch"]
@@ -47,7 +53,7 @@ class QuantileSketch(nn.Module):
     ``update(x)`` takes values as (C, n); ``cdf_at(x)`` and ``quantile(p)`` evaluate the sketch.
     """
 
-    _version = 2  # 2: ``nonfinite`` added
+    _version = 2  # 2: ``nonfinite``, ``atom``, ``atom_mass`` added
 
     def __init__(self, num_channels: int, bins: int = 500, momentum: float | None = None,
                  regrid_shift: float = 0.25, device=None, dtype=None) -> None:
@@ -69,6 +75,8 @@ class QuantileSketch(nn.Module):
         self.register_buffer("var", torch.ones(num_channels, **kw))
         self.register_buffer("ready", torch.zeros(num_channels, dtype=torch.bool, device=device))
         self.register_buffer("nonfinite", torch.zeros(num_channels, **kw))
+        self.register_buffer("atom", torch.full((num_channels,), float("nan"), **kw))
+        self.register_buffer("atom_mass", torch.zeros(num_channels, **kw))
         self.reset()
 
     def _apply(self, fn, recurse=True):
@@ -84,13 +92,14 @@ class QuantileSketch(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)
-        if (version is None or version < 2) and prefix + "nonfinite" not in state_dict:
-            state_dict[prefix + "nonfinite"] = torch.zeros_like(self.nonfinite)
+        if version is None or version < 2:
+            for name, fill in (("nonfinite", 0.0), ("atom", float("nan")), ("atom_mass", 0.0)):
+                state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), fill))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def reset(self) -> None:
-        self.nonfinite.zero_()
+        self.nonfinite.zero_(), self.atom.fill_(float("nan")), self.atom_mass.zero_()
         self.center.zero_(), self.scale.fill_(1.0), self.weight.zero_()
         self.mean.zero_(), self.var.fill_(1.0), self.ready.zero_()
         self.cdf.copy_(torch.arange(1, self.bins, dtype=self.cdf.dtype) / self.bins)
@@ -132,8 +141,26 @@ class QuantileSketch(nn.Module):
         return (lo + (flat_t - k) * (hi - lo)).reshape(t.shape)
 
     def cdf_at(self, x: Tensor) -> Tensor:
-        """The sketch's CDF at values x (C, …)."""
-        return self.interpolate(self.cdf, self.position(x))
+        """The sketch's CDF at values x (C, …), with the mid-rank at each channel's atom."""
+        t = self.position(x)
+        return self._with_atoms(self.interpolate(self.cdf, t), x, t)
+
+    def _with_atoms(self, f: Tensor, x: Tensor, t: Tensor) -> Tensor:
+        """F at values x (C, …) in the atom's bin: F(a−) + m/2 at the atom a, F(a−) below it,
+        F(a−) + m + (t − k)(F_{k+1} − F(a−) − m) above it (m = the atom's mass)."""
+        c = self.num_channels
+        has = (self.atom == self.atom).view(c, 1)
+        atom = torch.nan_to_num(self.atom, nan=0.0).view(c, 1)
+        k = torch.nan_to_num(self.position(atom), nan=0.0).floor().clamp_(0, self.bins - 1).long()
+        full = torch.cat([self.cdf.new_zeros(c, 1), self.cdf, self.cdf.new_ones(c, 1)], dim=1)
+        f_lo, f_hi = full.gather(1, k).to(f.dtype), full.gather(1, k + 1).to(f.dtype)
+        mass = torch.minimum(self.atom_mass.view(c, 1).to(f.dtype), f_hi - f_lo).clamp_min(0)
+        xf, tf, ff = x.reshape(c, -1), t.reshape(c, -1), f.reshape(c, -1)
+        in_bin = has & (torch.nan_to_num(tf, nan=-1.0).floor() == k)
+        above = f_lo + mass + (tf - k) * (f_hi - f_lo - mass)
+        atom = atom.to(xf.dtype)
+        inside = torch.where(xf == atom, f_lo + mass / 2, torch.where(xf > atom, above, f_lo))
+        return torch.where(in_bin, inside, ff).reshape(f.shape)
 
     def quantile(self, p: Tensor) -> Tensor:
         """Inverse CDF at probabilities p (C, m) (or (m,) for every channel)."""
@@ -179,14 +206,14 @@ class QuantileSketch(nn.Module):
         if fresh:
             self.follow(x)
         t = self.position(x)
-        finite = t == t
-        counts = torch.bincount(self.bin_index(torch.nan_to_num(t, nan=0.0)).reshape(-1),
-                                weights=finite.reshape(-1).to(self.cdf.dtype),
-                                minlength=self.num_channels * self.bins).view(self.num_channels, self.bins)
-        self.nonfinite.add_((~finite).sum(1).to(self.nonfinite.dtype))
+        _, counts, bottom, ties, moments = _cdf.batch_counts(x[None], t[None], self.bins, self.center)
+        counts = counts.to(self.cdf.dtype)
+        self.nonfinite.add_((x.shape[1] - moments[0]).to(self.nonfinite.dtype))
         if _distributed():
             dist.all_reduce(counts)
         self.observe(counts)
+        atom, size = _cdf.largest_ties(bottom, ties)
+        self.observe_atoms(atom, size / moments[0].clamp_min(1), counts.sum(1))
         if not fresh:
             self.follow(x)
         return counts
@@ -261,7 +288,7 @@ class QuantileSketch(nn.Module):
     def _regrid(self, where: Tensor, center: Tensor, scale: Tensor) -> None:
         """Move the grid of the channels in ``where`` to (center, scale), re-interpolating the
         CDF onto the new edges (computed for all channels, applied where asked: no sync)."""
-        cdf = self.cdf_at(self._edges_x(center, scale))
+        cdf = self.interpolate(self.cdf, self.position(self._edges_x(center, scale)))
         self.cdf.copy_(torch.where(where[:, None], cdf, self.cdf))
         self.center.copy_(torch.where(where, center, self.center))
         self.scale.copy_(torch.where(where, scale, self.scale))
@@ -280,15 +307,40 @@ class QuantileSketch(nn.Module):
         self.weight.add_(n)
 
     @torch.no_grad()
+    def observe_atoms(self, value: Tensor, share: Tensor, n: Tensor) -> None:
+        """Average a batch's largest tie per channel (``value``, NaN for none; ``share`` of the
+        batch's n values) into ``atom``/``atom_mass`` with the weights ``observe`` used (call
+        it after ``observe``). A tie at another value replaces the atom."""
+        n = n.to(self.weight.dtype)
+        before = self.weight - n
+        if self.momentum is None:
+            factor = n / self.weight.clamp_min(1)
+        else:
+            factor = torch.where(before <= 0, 1.0, self.momentum)
+        factor = torch.where(n > 0, factor, 0.0).to(self.atom_mass.dtype)
+        value, share = value.to(self.atom.dtype), share.to(self.atom.dtype)
+        same = value == self.atom
+        new = (value == value) & ~same & (factor > 0)
+        mass = torch.lerp(self.atom_mass, torch.where(same, share, 0.0), factor)
+        self.atom_mass.copy_(torch.where(new, share * factor, mass))
+        self.atom.copy_(torch.where(new, value, self.atom))
+
+    @torch.no_grad()
     def merge(self, other: "QuantileSketch") -> "QuantileSketch":
         """Combine ``other`` into this sketch, weighting each by the mass it has seen.
 
         Exact when both are on the same grid (e.g. ``other`` started as ``self.empty_like()``);
         otherwise ``other`` is evaluated at this grid's edges (interpolation error only).
         """
-        theirs = other.cdf_at(self._edges_x())
+        theirs = other.interpolate(other.cdf, other.position(self._edges_x()))
         total = (self.weight + other.weight).clamp_min(1)
-        self.cdf.mul_((self.weight / total).unsqueeze(1)).add_(theirs * (other.weight / total).unsqueeze(1))
+        mine, share = self.weight / total, other.weight / total
+        self.cdf.mul_(mine.unsqueeze(1)).add_(theirs * share.unsqueeze(1))
+        same = self.atom == other.atom
+        self.atom_mass.copy_(torch.where(same, mine * self.atom_mass + share * other.atom_mass,
+                                         torch.where(self.atom == self.atom, mine * self.atom_mass,
+                                                     share * other.atom_mass)))
+        self.atom.copy_(torch.where(self.atom == self.atom, self.atom, other.atom))
         self.weight.add_(other.weight)
         return self
 
@@ -296,6 +348,6 @@ class QuantileSketch(nn.Module):
         """A sketch with this grid and no data, for exact merges."""
         new = QuantileSketch(self.num_channels, self.bins, self.momentum, self.regrid_shift,
                              self.cdf.device, self.cdf.dtype)
-        for name in ("center", "scale", "mean", "var", "ready"):
+        for name in ("center", "scale", "mean", "var", "ready", "atom"):
             getattr(new, name).copy_(getattr(self, name))
         return new

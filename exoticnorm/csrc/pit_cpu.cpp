@@ -557,7 +557,8 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
 // copy of the grid, the tables (observing the batch into the sketch when observe), with
 // do_follow the grid follow, and y. Returns y, the grid copy and the tables the backward needs,
 // follow's (regrid, std) for the caller to move the grids (regrid all false without
-// do_follow), and each channel's count of finite values.
+// do_follow), and per channel (3, C) the count of finite values and the value and size of its
+// largest tie (NaN, 0 without ties).
 std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
                                    double tail, double smoothing, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
                                    torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
@@ -572,8 +573,8 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
        atom = torch::empty_like(lo), y = torch::empty_like(x);
   auto regrid = torch::zeros({C}, ready.options());
   auto stdev = scale.clone();
-  auto finite = torch::empty({C}, x.options().dtype(torch::kFloat64));
-  double* fp = finite.data_ptr<double>();
+  auto extras = torch::empty({3, C}, x.options().dtype(torch::kFloat64));
+  double* ep = extras.data_ptr<double>();
   const Sketch sk{cdf, sketch_weight, mean, var, center, scale, ready, momentum, shift};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_forward", [&] {
     using T = scalar_t;
@@ -591,7 +592,10 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       const int64_t o = c * K;
       channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), cn.finite, K, out, edge_out, lop + o, spp + o,
                      tip + o, ap + o);
-      fp[c] = cn.finite;
+      ep[c] = cn.finite;  // the finite values, and the largest tie: its value and size
+      const auto most = std::max_element(cn.ties.begin(), cn.ties.end()) - cn.ties.begin();
+      ep[C + c] = cn.ties[most] > 1 ? double(cn.bottom[most]) : std::numeric_limits<double>::quiet_NaN();
+      ep[2 * C + c] = cn.ties[most] > 1 ? double(cn.ties[most]) : 0.0;
       tab.ties[c] = std::any_of(cn.ties.begin(), cn.ties.end(), [](int32_t m) { return m > 1; });
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
         if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, cn.finite);
@@ -610,7 +614,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       });
     }
   });
-  return {y, c0, s0, lo, span, tie, atom, regrid, stdev, finite};
+  return {y, c0, s0, lo, span, tie, atom, regrid, stdev, extras};
 }
 
 // grad_x = grad_y w_c dg/dx, grad_w_c = sum grad_y g, grad_b_c = sum grad_y (g recomputed from x).
