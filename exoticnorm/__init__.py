@@ -3,6 +3,7 @@
 from . import functional, whitening
 from .base import InputError, Norm, RunningStatsNorm
 from .batchnorm import BatchNorm, BatchNormMean, BatchNormVar, FrozenAffineBatchNorm
+from .fold import fold_norms
 from .groupnorm import GroupNorm, InstanceNorm, LayerNorm
 from .identity import NoNorm
 from .registry import (
@@ -50,4 +51,5 @@ __all__ = [
     "norm_options",
     "create_norm",
     "convert_norms",
+    "fold_norms",
 ]

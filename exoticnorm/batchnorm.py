@@ -42,6 +42,24 @@ class BatchNorm(RunningStatsNorm):
             self.uses_batch_stats, factor, self.eps, center=self._center, scale=self._scale,
         )
 
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        """The eval transform as y = A x + b on (C,) vectors: A = diag(γ/√(σ²+eps)), b = β − A μ
+        (without the centring or the scaling for the lite variants)."""
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} without running statistics has no eval map")
+        ref = next(t for t in (self.weight, getattr(self, "running_mean", None),
+                               getattr(self, "running_var", None)) if t is not None)
+        scale = ref.new_ones(self.num_features)
+        if self._scale:
+            scale = torch.rsqrt(self.running_var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -scale * self.running_mean if self._center else torch.zeros_like(scale)
+        if self.bias is not None:
+            shift = shift + self.bias
+        return torch.diag(scale), shift
+
 
 class BatchNormMean(BatchNorm):
     """Lite batch norm that only centres: y = (x − μ_B) · γ + β (no division by the std)."""

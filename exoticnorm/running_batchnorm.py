@@ -84,6 +84,19 @@ class RunningBatchNorm(RunningStatsNorm):
         var = torch.where(samples < self.min_samples, var.clamp_min(self.min_var), var)
         return EF.affine_normalize(x, mean, var, self.weight, self.bias, self.eps)
 
+    @torch.no_grad()
+    def eval_affine(self) -> tuple[Tensor, Tensor]:
+        """The eval transform as y = A x + b on (C,) vectors (A diagonal)."""
+        seen = self.count > 0
+        mean = torch.where(seen, self.sums / self.count.clamp_min(1e-12), 0.0)
+        var = torch.where(seen, (self.sqrs / self.count.clamp_min(1e-12)).clamp_min(0.0), 1.0)
+        var = torch.where(self.samples < self.min_samples, var.clamp_min(self.min_var), var)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -scale * mean + (self.bias if self.bias is not None else 0.0)
+        return torch.diag(scale), shift
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)

@@ -205,6 +205,8 @@ class _Whitening(RunningStatsNorm):
 
     def eval_affine(self) -> tuple[Tensor, Tensor]:
         """The eval transform as one affine map y = A x + b on (C,) vectors: (A (C, C), b (C,))."""
+        if not self.track_running_stats:
+            raise ValueError(f"{type(self).__name__} without running statistics has no eval map")
         with torch.no_grad():
             w, mean = self._eval_map(EF.stats_dtype(self.running_cov))
             a, b = W.affine_map(w, mean, self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0))
