@@ -127,13 +127,13 @@ class PITNorm(RunningStatsNorm):
         counts, bottom, ties, moments = kernel.histogram(x3, center, scale, self.bins)
         tied, size = _synced_ties(*cdf.largest_ties(bottom, ties))
         dist.all_reduce(counts)
-        lo, span, tie, atom = kernel.tables(counts, ties, bottom, moments[0], normal, self.tail,
+        lo, span, tie, atom, slope = kernel.tables(counts, ties, bottom, moments[0], normal, self.tail,
                                             self.smoothing, sketch.cdf, sketch.weight, momentum, observe)
         if observe:
             sketch.observe_atoms(tied, size / counts.sum(1).clamp_min(1), counts.sum(1))
         if not fresh:
             sketch.follow_moments(moments)
-        return cdf.TableTransform.apply(x3, weight, bias, center, scale, lo, span, tie, atom)
+        return cdf.TableTransform.apply(x3, weight, bias, center, scale, lo, span, tie, atom, slope)
 
     def _torch_forward(self, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """The same transform as torch ops (CUDA, or no compiler): ``exoticnorm.cdf``."""

@@ -17,7 +17,7 @@ more than ``regrid_shift`` scales or the scale changes by more than that fractio
 cumulative mode: when the data leave the grid, e.g. a scale change by orders of magnitude).
 
 Atoms: each channel also keeps its largest tie (``atom``, e.g. the zeros after a ReLU) and the
-share of the values at it (``atom_mass``, averaged like the CDF). ``cdf_at`` gives a value
+share of the values at it (``atom_mass``, averaged like the CDF; 0: no atom). ``cdf_at`` gives a value
 equal to the atom its mid-rank F(a−) + m/2, and values above it in its bin start from
 F(a−) + m: the convention of PITNorm's training transform, so train and eval agree on ties.
 
@@ -75,7 +75,7 @@ class QuantileSketch(nn.Module):
         self.register_buffer("var", torch.ones(num_channels, **kw))
         self.register_buffer("ready", torch.zeros(num_channels, dtype=torch.bool, device=device))
         self.register_buffer("nonfinite", torch.zeros(num_channels, **kw))
-        self.register_buffer("atom", torch.full((num_channels,), float("nan"), **kw))
+        self.register_buffer("atom", torch.zeros(num_channels, **kw))
         self.register_buffer("atom_mass", torch.zeros(num_channels, **kw))
         self.reset()
 
@@ -93,13 +93,13 @@ class QuantileSketch(nn.Module):
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)
         if version is None or version < 2:
-            for name, fill in (("nonfinite", 0.0), ("atom", float("nan")), ("atom_mass", 0.0)):
+            for name, fill in (("nonfinite", 0.0), ("atom", 0.0), ("atom_mass", 0.0)):
                 state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), fill))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
     def reset(self) -> None:
-        self.nonfinite.zero_(), self.atom.fill_(float("nan")), self.atom_mass.zero_()
+        self.nonfinite.zero_(), self.atom.zero_(), self.atom_mass.zero_()
         self.center.zero_(), self.scale.fill_(1.0), self.weight.zero_()
         self.mean.zero_(), self.var.fill_(1.0), self.ready.zero_()
         self.cdf.copy_(torch.arange(1, self.bins, dtype=self.cdf.dtype) / self.bins)
@@ -149,8 +149,8 @@ class QuantileSketch(nn.Module):
         """F at values x (C, …) in the atom's bin: F(a−) + m/2 at the atom a, F(a−) below it,
         F(a−) + m + (t − k)(F_{k+1} − F(a−) − m) above it (m = the atom's mass)."""
         c = self.num_channels
-        has = (self.atom == self.atom).view(c, 1)
-        atom = torch.nan_to_num(self.atom, nan=0.0).view(c, 1)
+        has = (self.atom_mass > 0).view(c, 1)
+        atom = self.atom.view(c, 1)
         k = torch.nan_to_num(self.position(atom), nan=0.0).floor().clamp_(0, self.bins - 1).long()
         full = torch.cat([self.cdf.new_zeros(c, 1), self.cdf, self.cdf.new_ones(c, 1)], dim=1)
         f_lo, f_hi = full.gather(1, k).to(f.dtype), full.gather(1, k + 1).to(f.dtype)
@@ -319,8 +319,8 @@ class QuantileSketch(nn.Module):
             factor = torch.where(before <= 0, 1.0, self.momentum)
         factor = torch.where(n > 0, factor, 0.0).to(self.atom_mass.dtype)
         value, share = value.to(self.atom.dtype), share.to(self.atom.dtype)
-        same = value == self.atom
-        new = (value == value) & ~same & (factor > 0)
+        same = (value == self.atom) & (self.atom_mass > 0)
+        new = (value == value) & ~same & (factor > 0)  # a batch without ties gives NaN
         mass = torch.lerp(self.atom_mass, torch.where(same, share, 0.0), factor)
         self.atom_mass.copy_(torch.where(new, share * factor, mass))
         self.atom.copy_(torch.where(new, value, self.atom))
@@ -336,11 +336,11 @@ class QuantileSketch(nn.Module):
         total = (self.weight + other.weight).clamp_min(1)
         mine, share = self.weight / total, other.weight / total
         self.cdf.mul_(mine.unsqueeze(1)).add_(theirs * share.unsqueeze(1))
-        same = self.atom == other.atom
+        has, theirs_has = self.atom_mass > 0, other.atom_mass > 0
+        same = has & theirs_has & (self.atom == other.atom)
         self.atom_mass.copy_(torch.where(same, mine * self.atom_mass + share * other.atom_mass,
-                                         torch.where(self.atom == self.atom, mine * self.atom_mass,
-                                                     share * other.atom_mass)))
-        self.atom.copy_(torch.where(self.atom == self.atom, self.atom, other.atom))
+                                         torch.where(has, mine * self.atom_mass, share * other.atom_mass)))
+        self.atom.copy_(torch.where(has, self.atom, other.atom))
         self.weight.add_(other.weight)
         return self
 

@@ -221,20 +221,21 @@ struct Output {
 
 // One channel's tables (K values each) from its bin counts (summed over ranks), the ties at each
 // bin's bottom, the bottoms and the channel's local count: lo (output at the bin's bottom), span
-// (increase across the bin), tie (the bottom where several values tie there, NaN elsewhere) and
-// atom (output of the ties' mid-rank). The output is piecewise linear in t between knots: every
-// r-th bin edge (r = out.coarsening(n, K)) and the bottom of every bin with ties; at a knot it is
-// the output of the batch CDF G there (just after the ties, for a bin with ties), and it
-// reaches the output of G at the next knot. r = 1 makes it exact at every edge.
+// (increase across the bin), tie (the bottom where several values tie there, NaN elsewhere),
+// atom (output of the ties' mid-rank) and slope (the backward's rise across the bin). The
+// output is the batch CDF G through g at every bin edge (just after the ties, for a bin with
+// ties), linear in t in between. The slope is that of the same construction with knots only at
+// every r-th edge (r = out.coarsening(n, K)) and at tied bins: a histogram density over pieces
+// of about `smoothing` values, bounded however few values the channel has (r = 1: the exact
+// derivative).
 template <typename T, typename Count>
 void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double local_n, int64_t K, const Output& out,
-                    std::vector<double>& edge_out, T* lo, T* span, T* tie, T* atom) {
+                    std::vector<double>& edge_out, T* lo, T* span, T* tie, T* atom, T* slope) {
   double n = 0.0;
   for (int64_t k = 0; k < K; ++k) n += double(cnt[k]);
   edge_out.resize(K + 1);
   double* O = edge_out.data();
   const double* by_count = out.by_count(n);
-  const int64_t r = out.coarsening(n, K);
   double run = 0.0;
   O[0] = out(0.0);
   for (int64_t k = 0; k < K; ++k) {
@@ -246,34 +247,41 @@ void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double
       O[k + 1] = run == before ? O[k] : out(run / n);  // empty bins repeat their edge
     }
   }
-  run = 0.0;
-  int64_t p = 0;
-  double start = O[0], slope = 0.0;  // the piece from knot p: start + (t - p) slope
-  for (int64_t k = 0; k < K; ++k) {
-    const double below = run / n;  // G at the bin's bottom edge
-    run += double(cnt[k]);
-    const bool tied = double(ties[k]) > 1.0;
-    if (k % r == 0 || tied) {  // a knot: the next one is the next multiple of r, K or a tied bin
-      p = k;
-      const double share = tied ? double(ties[k]) / local_n : 0.0;  // the tied values' part
-      start = tied ? out(below + share) : O[k];
-      int64_t q = std::min(K, (k / r + 1) * r);
-      for (int64_t j = k + 1; j < q; ++j)
-        if (double(ties[j]) > 1.0) {
-          q = j;
-          break;
+  const int64_t coarse = out.coarsening(n, K);
+  for (const int64_t r : {int64_t(1), coarse}) {  // the forward's tables, then the backward's slope
+    if (r != 1 && coarse == 1) break;  // the slope is the exact one, written in the first pass
+    run = 0.0;
+    int64_t p = 0;
+    double start = O[0], rise = 0.0;  // the piece from knot p: start + (t - p) rise
+    for (int64_t k = 0; k < K; ++k) {
+      const double below = run / n;  // G at the bin's bottom edge
+      run += double(cnt[k]);
+      const bool tied = double(ties[k]) > 1.0;
+      if (k % r == 0 || tied) {  // a knot: the next one is the next multiple of r, K or a tied bin
+        p = k;
+        const double share = tied ? double(ties[k]) / local_n : 0.0;  // the tied values' part
+        start = tied ? out(below + share) : O[k];
+        int64_t q = std::min(K, (k / r + 1) * r);
+        for (int64_t j = k + 1; j < q; ++j)
+          if (double(ties[j]) > 1.0) {
+            q = j;
+            break;
+          }
+        rise = (O[q] - start) / double(q - p);
+        if (tied && r == 1) {
+          tie[k] = bottom[k];
+          atom[k] = T(out(below + share / 2));
         }
-      slope = (O[q] - start) / double(q - p);
-      if (tied) {
-        tie[k] = bottom[k];
-        atom[k] = T(out(below + share / 2));
       }
-    }
-    lo[k] = T(start + double(k - p) * slope);
-    span[k] = T(slope);
-    if (!tied) {
-      tie[k] = std::numeric_limits<T>::quiet_NaN();
-      atom[k] = lo[k];
+      if (r == 1) {
+        lo[k] = T(start + double(k - p) * rise);
+        span[k] = T(rise);
+        if (!tied) {
+          tie[k] = std::numeric_limits<T>::quiet_NaN();
+          atom[k] = lo[k];
+        }
+      }
+      slope[k] = T(rise);
     }
   }
 }
@@ -341,12 +349,13 @@ bool follow_channel(const Sketch& sk, int64_t c, double count, double sum, doubl
 
 // One channel's transform: a value v at grid position t in bin k maps to
 // g = lo_k + span_k (t - k), or to atom_k when v equals tie_k (the bin's bottom when ties there
-// get a mid-rank, NaN otherwise); d = dg/dx (0 for a tie).
+// get a mid-rank, NaN otherwise); d = slope_k dt/dx, the backward's derivative (dg/dx where the
+// slope is the span; 0 for a tie).
 // (Ties: whether the channel has any; without, its loops read two tables instead of four.)
 template <typename T>
 struct Channel {
   T center, inv, half, top;
-  const T *lo, *span, *tie, *atom;
+  const T *lo, *span, *tie, *atom, *slope;
   bool ties;
 
   template <bool Ties>
@@ -360,23 +369,23 @@ struct Channel {
       // arithmetic, not branches, so that the loops over values vectorize (gathers for the tables)
       const T m = T(v == tie[k]);  // m = 1 for a tie, else 0 (exact blends below)
       g = m * atom[k] + (T(1) - m) * (lo[k] + span_k * (t - T(k)));
-      d = (T(1) - m) * span_k * half * inv / (a * a);
+      d = (T(1) - m) * slope[k] * half * inv / (a * a);
     } else {
       g = lo[k] + span_k * (t - T(k));
-      d = span_k * half * inv / (a * a);
+      d = slope[k] * half * inv / (a * a);
     }
   }
 };
 
 template <typename T>
 struct Tables {
-  const T *center, *scale, *lo, *span, *tie, *atom;
+  const T *center, *scale, *lo, *span, *tie, *atom, *slope;
   int64_t K;
   std::vector<char> ties;  // per channel: any tie (a non-NaN tie value)
 
   Channel<T> channel(int64_t c) const {
     return {center[c], T(1) / scale[c], T(K) / 2, T(K - 1), lo + c * K, span + c * K, tie + c * K, atom + c * K,
-            ties.empty() || ties[c] != 0};
+            slope + c * K, ties.empty() || ties[c] != 0};
   }
 
   void find_ties() {
@@ -388,13 +397,15 @@ struct Tables {
 // The tables; with find, which channels have ties (else every channel is taken to have some).
 template <typename T>
 Tables<T> tables_of(const torch::Tensor& center, const torch::Tensor& scale, const torch::Tensor& lo,
-                    const torch::Tensor& span, const torch::Tensor& tie, const torch::Tensor& atom, bool find) {
+                    const torch::Tensor& span, const torch::Tensor& tie, const torch::Tensor& atom,
+                    const torch::Tensor& slope, bool find) {
   TORCH_CHECK(lo.is_contiguous() && span.is_contiguous() && tie.is_contiguous() && atom.is_contiguous() &&
+              slope.is_contiguous() && slope.scalar_type() == lo.scalar_type() &&
               lo.scalar_type() == center.scalar_type() && span.scalar_type() == lo.scalar_type() &&
               tie.scalar_type() == lo.scalar_type() && atom.scalar_type() == lo.scalar_type(),
               "tables must be contiguous, of x's dtype");
   Tables<T> tab{center.data_ptr<T>(), scale.data_ptr<T>(), lo.data_ptr<T>(), span.data_ptr<T>(),
-                tie.data_ptr<T>(), atom.data_ptr<T>(), lo.size(1), {}};
+                tie.data_ptr<T>(), atom.data_ptr<T>(), slope.data_ptr<T>(), lo.size(1), {}};
   if (find) {
     tab.ties.resize(lo.size(0));
     tab.find_ties();
@@ -489,20 +500,21 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
               "the sketch's cdf and weight must be contiguous, of one dtype");
   const int64_t C = counts.size(0), K = counts.size(1);
   auto lo = torch::empty({C, K}, bottom.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
-       atom = torch::empty_like(lo);
+       atom = torch::empty_like(lo), slope = torch::empty_like(lo);
   const Sketch sk{cdf, weight, {}, {}, {}, {}, {}, momentum, 0.0};
   const double *cp = counts.data_ptr<double>(), *tp = ties.data_ptr<double>(), *lp = local_n.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES(bottom.scalar_type(), "pit_tables", [&] {
     using T = scalar_t;
     const T* bp = bottom.data_ptr<T>();
-    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
+    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>(),
+      *slp = slope.data_ptr<T>();
     Output out{normal, tail, smoothing};
     if (C > 0) out.cache_counts(std::accumulate(cp, cp + K, 0.0), K);  // channels are counted alike
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> edge_out;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t o = c * K;
-        channel_tables(cp + o, tp + o, bp + o, lp[c], K, out, edge_out, lop + o, spp + o, tip + o, ap + o);
+        channel_tables(cp + o, tp + o, bp + o, lp[c], K, out, edge_out, lop + o, spp + o, tip + o, ap + o, slp + o);
         if (observe) {
           double n = 0.0;
           for (int64_t k = 0; k < K; ++k) n += cp[o + k];
@@ -513,7 +525,7 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
       }
     });
   });
-  return {lo, span, tie, atom};
+  return {lo, span, tie, atom, slope};
 }
 
 // QuantileSketch._follow on the CPU: from a batch's moments (3, C: count, sum, sum of squares)
@@ -538,12 +550,12 @@ std::vector<torch::Tensor> follow(torch::Tensor moments, torch::Tensor mean, tor
 
 // y = w_c g + b_c.
 torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, torch::Tensor lo, torch::Tensor span,
-                    torch::Tensor tie, torch::Tensor atom, torch::Tensor weight, torch::Tensor bias) {
+                    torch::Tensor tie, torch::Tensor atom, torch::Tensor slope, torch::Tensor weight, torch::Tensor bias) {
   check(x, center, scale);
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   auto y = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_apply", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, true);
+    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, slope, true);
     const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
@@ -570,7 +582,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
               cdf.is_contiguous() && ready.scalar_type() == torch::kBool, "the sketch's buffers must be of one dtype");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2), B = row_blocks(N, C);
   auto lo = torch::empty({C, K}, x.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
-       atom = torch::empty_like(lo), y = torch::empty_like(x);
+       atom = torch::empty_like(lo), slope = torch::empty_like(lo), y = torch::empty_like(x);
   auto regrid = torch::zeros({C}, ready.options());
   auto stdev = scale.clone();
   auto extras = torch::empty({3, C}, x.options().dtype(torch::kFloat64));
@@ -580,9 +592,10 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
     T* yp = y.data_ptr<T>();
-    auto tab = tables_of<T>(c0, s0, lo, span, tie, atom, false);
+    auto tab = tables_of<T>(c0, s0, lo, span, tie, atom, slope, false);
     tab.ties.assign(C, 1);  // set per channel once its tables are built
-    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>();
+    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>(),
+      *slp = slope.data_ptr<T>();
     bool* rg = regrid.data_ptr<bool>();
     const double n = double(N * S);
     Output out{normal, tail, smoothing};
@@ -591,7 +604,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       std::vector<double> edge_out;
       const int64_t o = c * K;
       channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), cn.finite, K, out, edge_out, lop + o, spp + o,
-                     tip + o, ap + o);
+                     tip + o, ap + o, slp + o);
       ep[c] = cn.finite;  // the finite values, and the largest tie: its value and size
       const auto most = std::max_element(cn.ties.begin(), cn.ties.end()) - cn.ties.begin();
       ep[C + c] = cn.ties[most] > 1 ? double(cn.bottom[most]) : std::numeric_limits<double>::quiet_NaN();
@@ -614,13 +627,13 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       });
     }
   });
-  return {y, c0, s0, lo, span, tie, atom, regrid, stdev, extras};
+  return {y, c0, s0, lo, span, tie, atom, slope, regrid, stdev, extras};
 }
 
 // grad_x = grad_y w_c dg/dx, grad_w_c = sum grad_y g, grad_b_c = sum grad_y (g recomputed from x).
 std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Tensor center, torch::Tensor scale,
                                     torch::Tensor lo, torch::Tensor span, torch::Tensor tie, torch::Tensor atom,
-                                    torch::Tensor weight) {
+                                    torch::Tensor slope, torch::Tensor weight) {
   check(x, center, scale);
   TORCH_CHECK(gy.is_contiguous() && gy.sizes() == x.sizes(), "grad must be contiguous and shaped like x");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
@@ -628,7 +641,7 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
   auto gw = torch::zeros({C}, x.options().dtype(torch::kFloat64));
   auto gb = torch::zeros({C}, x.options().dtype(torch::kFloat64));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_backward", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, true);
+    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, slope, true);
     const scalar_t *gyp = gy.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     const int threads = at::get_num_threads();
