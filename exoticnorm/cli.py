@@ -13,7 +13,7 @@ from . import registry
 from .base import InputError
 from .data import DatasetNotFound
 from .models.lenet import ACTIVATIONS, LAYER_SETS
-from .train import OPTIMIZERS, RunError, StudyConfig, run_study
+from .train import OPTIMIZERS, RunError, StudyConfig, check_norm_option, run_study
 
 DIVERGED_EXIT = 3
 
@@ -29,24 +29,37 @@ def _parse_value(raw: str) -> Any:
 
 
 def parse_norm_opts(norm: str, pairs: tuple[str, ...]) -> dict[str, Any]:
-    """``key=value`` strings → the norm's options, typed like each option's default."""
-    options = registry.norm_options(norm)
+    """``key=value`` strings → the norm's options, typed like each option's default
+    (``train.check_norm_option``); a bad one is a click.UsageError (exit code 2) naming it."""
+    try:
+        registry.norm_options(norm)
+    except registry.NormConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     parsed: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise registry.NormConfigError(f"--norm-opt expects key=value, got {pair!r}")
-        value = _parse_value(raw)
-        default = options[key].default if key in options else None
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise registry.NormConfigError(f"--norm-opt {pair}: {key} takes true or false")
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if (isinstance(default, int) and not isinstance(default, bool)
-                and not (isinstance(value, int) and not isinstance(value, bool))):
-            raise registry.NormConfigError(f"--norm-opt {pair}: {key} takes an integer")
-        parsed[key] = value
+            raise click.UsageError(f"--norm-opt expects key=value, got {pair!r}")
+        try:
+            parsed[key] = check_norm_option(norm, key, _parse_value(raw))
+        except registry.NormConfigError as exc:
+            raise click.UsageError(f"--norm-opt {pair}: {exc}") from exc
     return parsed
+
+
+def _checked_config(fields: dict[str, Any], pairs: tuple[str, ...]) -> StudyConfig:
+    """The StudyConfig of a run, its model built once: any bad setting or norm option is a
+    click.UsageError (exit code 2) here, before anything is written, never a traceback later."""
+    try:
+        config = StudyConfig(**fields)
+    except (RunError, ValueError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    try:
+        config.build_model()
+    except (ValueError, TypeError) as exc:  # NormConfigError is a ValueError
+        opts = f" with --norm-opt {', '.join(pairs)}" if pairs else ""
+        raise click.UsageError(f"--norm {config.norm}{opts}: {exc}") from exc
+    return config
 
 
 @click.group()
@@ -79,7 +92,8 @@ def main() -> None:
                    "over this many training batches (0: off).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/NORM-sSEED-TIME].")
 @click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]),
-              help="[default: $WANDB_MODE, else online when logged in, else offline]")
+              help="[default: with --resume the run's own mode; else $WANDB_MODE, else online "
+                   "when logged in, else offline]")
 @click.option("--group", help="wandb group for this run.")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in --out from its last epoch.")
 @click.pass_context
@@ -93,14 +107,19 @@ def study(ctx: click.Context, norm_opts, out, device, data_dir, download, wandb_
             if not config_path.exists():
                 raise RunError(f"--resume: {config_path} not found; is {out} a run directory?")
             saved = json.loads(config_path.read_text())
-            given = {k: v for k, v in fields.items()
-                     if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
-            if norm_opts:
-                given["norm_opts"] = parse_norm_opts(given.get("norm", saved["norm"]), norm_opts)
-            config = StudyConfig(**{**saved, **given})
-        else:
-            config = StudyConfig(norm_opts=parse_norm_opts(fields["norm"], norm_opts), **fields)
-            out = out or f"runs/{config.norm}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    except (RunError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if resume:
+        given = {k: v for k, v in fields.items()
+                 if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+        if norm_opts:
+            given["norm_opts"] = parse_norm_opts(given.get("norm", saved["norm"]), norm_opts)
+        config = _checked_config({**saved, **given}, norm_opts)
+    else:
+        config = _checked_config({**fields, "norm_opts": parse_norm_opts(fields["norm"], norm_opts)}, norm_opts)
+        out = out or f"runs/{config.norm}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        # wandb_mode None (no --wandb): a resumed run keeps the mode it started with
         summary = run_study(config, out, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
                             resume=resume, download=download, echo=click.echo, group=group)
     except (RunError, registry.NormConfigError, DatasetNotFound, InputError, ValueError) as exc:

@@ -36,7 +36,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .train import RunError, StudyConfig
+from .train import RunError, StudyConfig, check_setting
 
 __all__ = ["StudyError", "Cell", "Study", "load_study", "parse_shard"]
 
@@ -124,10 +124,18 @@ def _fail(path: Path, msg: str) -> StudyError:
 
 
 def _check_fields(path: Path, where: str, fields: dict[str, Any]) -> None:
+    """Known settings only, each with the type and range of its CLI option (train.check_setting)."""
+    if not isinstance(fields, dict):
+        raise _fail(path, f"{where} must be a table of settings, got {fields!r}")
     bad = sorted(set(fields) - FIELDS)
     if bad:
         raise _fail(path, f"{where}: unknown setting(s) {', '.join(bad)}; valid are "
                           f"{', '.join(sorted(FIELDS))} (the seed comes from `seeds`)")
+    for name, value in fields.items():
+        try:
+            check_setting(name, value)
+        except RunError as exc:
+            raise _fail(path, f"{where} {exc}") from exc
 
 
 def _axis(path: Path, name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -148,6 +156,7 @@ def _axis(path: Path, name: str, values: Any) -> list[tuple[str, dict[str, Any]]
                                   f"({', '.join(sorted(FIELDS))}); use tables with a label otherwise")
             label = str(v) if name == "norm" else f"{name}-{v}"
             fields = {name: v}
+            _check_fields(path, f"grid.{name} ({label})", fields)
         label = str(label)
         if not _SAFE.match(label):
             raise _fail(path, f"grid.{name}: label {label!r} may only hold letters, digits and . + = -")
@@ -214,13 +223,16 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
         if axis not in grid:
             raise _fail(path, f"quick.grid.{axis} is not an axis of [grid]")
     _check_fields(path, "[quick] base", quick_raw.get("base", {}))
+    for where, value in (("seeds", n_seeds), ("quick.seeds", quick_raw.get("seeds", 1))):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _fail(path, f"{where} must be a positive integer, got {value!r}")
     if quick:
         base.update(quick_raw.get("base", {}))
         grid.update(quick_raw.get("grid", {}))
         n_seeds = quick_raw.get("seeds", n_seeds)
     if seeds is not None:
         n_seeds = seeds
-    if not isinstance(n_seeds, int) or n_seeds < 1:
+    if not isinstance(n_seeds, int) or isinstance(n_seeds, bool) or n_seeds < 1:
         raise _fail(path, f"seeds must be a positive integer, got {n_seeds!r}")
     _check_fields(path, "[base]", base)
     axes = {name: _axis(path, name, values) for name, values in grid.items()}

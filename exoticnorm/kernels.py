@@ -10,20 +10,25 @@ On x86 CPUs where torch's own kernels use AVX2 or AVX-512 the kernel is built wi
 ``-fno-trapping-math`` (no floating-point traps; results unchanged) lets GCC turn the tables'
 branch-free selects into vector code.
 The instruction set is part of the build's name, so machines of different kinds that share a
-home directory (a cluster) each get their own build, never one their CPU cannot run.
+home directory (a cluster) each get their own build, never one their CPU cannot run. So is a
+short hash of the C++ source, the compiler flags, torch's version and the Python ABI
+(``extension_name()``, e.g. ``exoticnorm_pit_cpu_avx2_1a2b3c4d5e``): two installs with the same
+source and torch share one build, and installs that differ never rebuild over each other's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["pit_cpu"]
+__all__ = ["pit_cpu", "extension_name"]
 
 _CSRC = Path(__file__).parent / "csrc"
 _cache: dict[str, object] = {}
@@ -37,6 +42,25 @@ def _instruction_set() -> tuple[str, list[str]]:
     return "generic", []
 
 
+def _build_flags() -> tuple[list[str], list[str]]:
+    """(compiler flags, linker flags) of the build."""
+    _, isa_flags = _instruction_set()
+    return ["-O3", "-fno-trapping-math", "-fopenmp", *isa_flags], ["-fopenmp"]
+
+
+def extension_name() -> str:
+    """The build's name in torch's extension cache: ``exoticnorm_pit_cpu_<isa>_<hash>``, the hash
+    (10 hex digits) over the C++ source text, the flags, torch's version and the Python ABI."""
+    isa, _ = _instruction_set()
+    cflags, ldflags = _build_flags()
+    digest = hashlib.sha256()
+    for part in ((_CSRC / "pit_cpu.cpp").read_bytes(), b"|", " ".join(cflags).encode(), b"|",
+                 " ".join(ldflags).encode(), b"|", torch.__version__.encode(), b"|",
+                 sys.implementation.cache_tag.encode()):
+        digest.update(part)
+    return f"exoticnorm_pit_cpu_{isa}_{digest.hexdigest()[:10]}"
+
+
 def pit_cpu():
     if os.environ.get("EXOTICNORM_NO_KERNELS") == "1":
         return None
@@ -46,10 +70,10 @@ def pit_cpu():
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             from torch.utils.cpp_extension import load
 
-            isa, flags = _instruction_set()
+            cflags, ldflags = _build_flags()
             _cache["pit"] = load(
-                name=f"exoticnorm_pit_cpu_{isa}", sources=[str(_CSRC / "pit_cpu.cpp")],
-                extra_cflags=["-O3", "-fno-trapping-math", "-fopenmp", *flags], extra_ldflags=["-fopenmp"], verbose=False)
+                name=extension_name(), sources=[str(_CSRC / "pit_cpu.cpp")],
+                extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure falls back to torch ops
             warnings.warn(f"exoticnorm: could not build the PIT CPU kernel ({type(exc).__name__}: "
                           f"{str(exc)[:200]}); PITNorm uses its slower pure-torch path. Install a C++ "

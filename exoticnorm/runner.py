@@ -2,25 +2,39 @@
 
 Each cell is one ``run_study`` in ``OUT/<cell>-s<seed>`` (its console output in ``log.txt``
 there) and one wandb run in the group named after the study. A cell whose folder holds a run
-made with other settings is never touched: it is reported, and the study goes on.
+made with other settings is never touched: it is reported, and the study goes on. A cell is
+run under its folder's lock (``train.run_dir_lock``): a cell another process is running is
+reported "busy" and left alone.
+
+With ``jobs`` > 1 the cells run in worker processes that die with the ``exoticnorm run`` that
+started them (also on ``kill -9``): on Linux the kernel kills them (``prctl(PR_SET_PDEATHSIG)``),
+and everywhere a watchdog thread in each worker ends it once its parent is gone. Orphans would
+otherwise go on training, hold their cells' locks (a rerun then reports them busy) and idle.
+
+If an online ``wandb.init`` fails (bad key, no network: each attempt costs a timeout), the
+remaining cells of the run log offline (tracking.py); the run says so once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
-import fcntl
 import json
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from . import tracking
 from .grid import Cell, Study, StudyError
-from .train import RunError, run_study
+from .train import RunDirBusy, RunError, run_dir_lock, run_study
 
 __all__ = ["cell_state", "run_cells", "run_one_cell", "select_shard"]
 
@@ -64,15 +78,40 @@ def _run_cell(study_name: str, cell: Cell, out: str, device: str, data_dir: str 
     if threads:
         torch.set_num_threads(threads)
     run_dir = Path(out) / cell.run_name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = (run_dir / ".lock").open("w")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.close()
-        return {"status": "busy", "error": "another exoticnorm process is running this cell", "seconds": 0.0}
-    with lock:
-        return _run_locked(study_name, cell, run_dir, device, data_dir, wandb_mode, download, data)
+        with run_dir_lock(run_dir):
+            return _run_locked(study_name, cell, run_dir, device, data_dir, wandb_mode, download, data)
+    except RunDirBusy as exc:
+        return {"status": "busy", "error": str(exc), "seconds": 0.0}
+    except RunError as exc:  # the folder cannot be made or written
+        return {"status": "failed", "error": str(exc), "seconds": 0.0}
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the process that started it ends, however it ends."""
+    if sys.platform.startswith("linux"):
+        try:  # the kernel sends SIGKILL when the parent (the thread that spawned us) exits
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watchdog() -> None:  # other systems, and a second line of defence
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watchdog, name="exoticnorm-parent-watchdog", daemon=True).start()
+
+
+def _worker_init(parent_pid: int, wandb_failed) -> None:
+    _die_with_parent(parent_pid)
+    tracking.remember_init_failures(wandb_failed)
 
 
 def _run_locked(study_name, cell, run_dir, device, data_dir, wandb_mode, download, data) -> dict:
@@ -139,32 +178,49 @@ def run_cells(
          f"{len(todo)} to run in {out} with {jobs} job(s)")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     args = (study.run_dir_name, str(out), device, data_dir, wandb_mode, download, threads)
+    said_offline = False
 
     def report(i: int, cell: Cell, result: dict) -> None:
+        nonlocal said_offline
         counts[result["status"] if result["status"] in counts else "failed"] += 1
         detail = (f"test {result['test_acc']:.4f}" if result.get("test_acc") is not None
                   else result.get("error", ""))
         echo(f"[{i}/{len(todo)}] {cell.run_name}: {result['status']} {detail} "
              f"({result['seconds']:.0f} s{', resumed' if result.get('resumed') else ''})")
+        if not said_offline and tracking.online_init_failed():
+            said_offline = True
+            where = f"{out / cell.run_name / 'log.txt'}" + (" or another cell's" if jobs > 1 else "")
+            echo(f"wandb: online init failed (the reason is in {where}); the remaining cells log "
+                 "offline; upload them later with wandb sync")
 
     if jobs == 1:
-        cache: dict = {}
-        for i, cell in enumerate(todo, 1):
-            data = _cached_data(cache, cell, device, data_dir, download)
-            report(i, cell, _run_cell(args[0], cell, *args[1:], data=data))
+        tracking.remember_init_failures()
+        try:
+            cache: dict = {}
+            for i, cell in enumerate(todo, 1):
+                data = _cached_data(cache, cell, device, data_dir, download)
+                report(i, cell, _run_cell(args[0], cell, *args[1:], data=data))
+        finally:
+            tracking.forget_init_failures()
     else:
         if todo:  # find (or download) the dataset once, not in every worker at the same time
             _cached_data({}, todo[0], device, data_dir, download)
         ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_run_cell, args[0], cell, *args[1:]): cell for cell in todo}
-            for i, fut in enumerate(cf.as_completed(futures), 1):
-                try:
-                    result = fut.result()
-                except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory)
-                    result = {"status": "failed", "error": f"worker died: {type(exc).__name__}: {exc}",
-                              "seconds": 0.0}
-                report(i, futures[fut], result)
+        wandb_failed = ctx.Event()
+        tracking.remember_init_failures(wandb_failed)
+        try:
+            with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                        initargs=(os.getpid(), wandb_failed)) as pool:
+                futures = {pool.submit(_run_cell, args[0], cell, *args[1:]): cell for cell in todo}
+                for i, fut in enumerate(cf.as_completed(futures), 1):
+                    try:
+                        result = fut.result()
+                    except Exception as exc:  # noqa: BLE001 - a worker killed (e.g. out of memory)
+                        result = {"status": "failed", "error": f"worker died: {type(exc).__name__}: {exc}",
+                                  "seconds": 0.0}
+                    report(i, futures[fut], result)
+        finally:
+            tracking.forget_init_failures()
     return counts
 
 

@@ -4,6 +4,11 @@ Mode: the one asked for, else ``$WANDB_MODE``, else online when logged in (``$WA
 or a netrc entry for the wandb host) and offline otherwise. Offline runs are written under the
 run directory and the ``wandb sync`` line to upload them is printed. Any wandb failure (no
 network, bad key) is reported once and logging is switched off; the local files stay complete.
+
+Within one ``exoticnorm run`` (between ``remember_init_failures()`` and
+``forget_init_failures()``) the first failed online ``wandb.init`` (a bad key or no network
+costs its whole timeout) is remembered, also across the run's worker processes through a
+shared event, and the later cells log offline instead of waiting for the same timeout again.
 """
 
 from __future__ import annotations
@@ -14,9 +19,45 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-__all__ = ["WandbLogger", "resolve_mode", "logged_in"]
+__all__ = ["WandbLogger", "resolve_mode", "logged_in", "remember_init_failures",
+           "forget_init_failures", "online_init_failed"]
 
 MODES = ("online", "offline", "disabled")
+
+
+class _InitFailures:
+    """Whether an online wandb.init has failed in the current ``exoticnorm run``."""
+
+    active = False  # inside a run's scope; outside it nothing is remembered
+    failed = False  # in this process
+    shared = None  # a multiprocessing Event shared by the run's processes, or None
+
+
+_failures = _InitFailures()
+
+
+def remember_init_failures(shared=None) -> None:
+    """Start remembering a failed online init (the start of a ``run``; in each worker, with the
+    run's shared multiprocessing Event). Forgets earlier failures."""
+    _failures.active, _failures.failed, _failures.shared = True, False, shared
+
+
+def forget_init_failures() -> None:
+    _failures.active, _failures.failed, _failures.shared = False, False, None
+
+
+def online_init_failed() -> bool:
+    """An online wandb.init has failed in this run (in this process or a sibling worker)."""
+    if not _failures.active:
+        return False
+    return _failures.failed or (_failures.shared is not None and _failures.shared.is_set())
+
+
+def _mark_online_init_failed() -> None:
+    if _failures.active:
+        _failures.failed = True
+        if _failures.shared is not None:
+            _failures.shared.set()
 
 
 def logged_in() -> bool:
@@ -56,6 +97,10 @@ class WandbLogger:
         self.run = None
         if self.mode == "disabled":
             return
+        if self.mode == "online" and online_init_failed():
+            self.mode = "offline"
+            echo("wandb: an online init failed earlier in this study run; logging offline "
+                 "(upload later with wandb sync)")
         try:
             import wandb
 
@@ -71,6 +116,8 @@ class WandbLogger:
                 settings=wandb.Settings(silent=True, console="off", init_timeout=60),
             )
         except Exception as exc:  # noqa: BLE001 - wandb must never stop training
+            if self.mode == "online":
+                _mark_online_init_failed()
             self._fail("init", exc)
 
     @property

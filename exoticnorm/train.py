@@ -2,17 +2,23 @@
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch),
 ``checkpoint.pt`` (after every epoch; ``torch.load(..., weights_only=True)``) and, once
-finished, ``summary.json``. Shuffling uses a generator seeded per epoch and the RNG state is
+finished, ``summary.json``. A run holds an exclusive lock on the directory (``flock`` on its
+``.lock`` file, see ``run_dir_lock``) from start to end, so two runs never write to one
+directory. Shuffling uses a generator seeded per epoch and the RNG state is
 checkpointed, so a resumed run ends with the metrics of an uninterrupted one on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import inspect
 import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import registry
 from .data import FashionMNIST, load_fashion_mnist
 from .models import LeNet
+from .models.lenet import ACTIVATIONS, LAYER_SETS, NORM_SITES
 from .precise import precise_statistics
 from .tracking import WandbLogger
 
-__all__ = ["StudyConfig", "RunError", "run_study", "pick_device", "OPTIMIZERS"]
+__all__ = ["StudyConfig", "RunError", "RunDirBusy", "run_study", "run_dir_lock", "pick_device",
+           "check_setting", "check_norm_option", "check_norm_opts", "OPTIMIZERS"]
 
 CHECKPOINT_FORMAT = "exoticnorm-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -37,6 +46,154 @@ RESUMABLE_CHANGES = {"epochs"}  # config fields a resume may change
 
 class RunError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to do."""
+
+
+class RunDirBusy(RunError):
+    """The run directory is locked by another process (a run in progress)."""
+
+
+# --------------------------------------------------------------------- settings and norm options
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_setting(name: str, value: Any, minimum: int | None, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if not _is_int(value):
+        raise RunError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise RunError(f"{name} must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _float_setting(name: str, value: Any) -> float:
+    if not _is_number(value) or not math.isfinite(value):
+        raise RunError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _choice_setting(name: str, value: Any, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise RunError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def check_setting(name: str, value: Any) -> Any:
+    """One StudyConfig field checked with the rules of the CLI option of the same name (type
+    and range): the value (ints given for floats become floats), or RunError naming the field.
+    ``norm_opts`` is only checked to be a table here; its values need the norm (see
+    ``check_norm_opts``)."""
+    if name in ("epochs", "batch_size"):
+        return _int_setting(name, value, 1)
+    if name == "precise_stats":
+        return _int_setting(name, value, 0)
+    if name == "seed":
+        return _int_setting(name, value, None)
+    if name == "limit_train":
+        return _int_setting(name, value, 2, optional=True)
+    if name == "limit_test":
+        return _int_setting(name, value, 1, optional=True)
+    if name == "lr":
+        value = _float_setting(name, value)
+        if not value > 0:
+            raise RunError(f"lr must be positive, got {value!r}")
+        return value
+    if name == "weight_decay":
+        value = _float_setting(name, value)
+        if value < 0:
+            raise RunError(f"weight_decay must be at least 0, got {value!r}")
+        return value
+    if name == "dropout":
+        value = _float_setting(name, value)
+        if not 0.0 <= value < 1.0:
+            raise RunError(f"dropout must be in [0, 1), got {value!r}")
+        return value
+    if name == "bias":
+        if not isinstance(value, bool):
+            raise RunError(f"bias must be true or false, got {value!r}")
+        return value
+    if name == "optimizer":
+        return _choice_setting(name, value, OPTIMIZERS)
+    if name == "activation":
+        return _choice_setting(name, value, tuple(ACTIVATIONS))
+    if name == "norm":
+        if not isinstance(value, str) or not value:
+            raise RunError(f"norm must be a registered norm name, got {value!r}")
+        return value
+    if name == "norm_layers":
+        if isinstance(value, list) and value and all(isinstance(v, str) and v in NORM_SITES for v in value):
+            return value
+        if isinstance(value, list):
+            raise RunError(f"norm_layers as a list must name sites from {', '.join(NORM_SITES)}, got {value!r}")
+        return _choice_setting(name, value, tuple(LAYER_SETS))
+    if name == "norm_opts":
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise RunError(f"norm_opts must be a table of options, got {value!r}")
+        return value
+    raise RunError(f"unknown setting {name!r}")
+
+
+# options a run sets itself: the device comes from --device, the model trains in float32 on
+# one process; as norm options they would only produce a model on the wrong device or a crash
+NOT_NORM_OPTIONS = ("device", "dtype", "process_group")
+_KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
+               "str": "a string", "None": "None"}
+
+
+def _option_kinds(param: inspect.Parameter) -> list[str] | None:
+    """The kinds of value (bool, int, float, str, None) an option takes, from its annotation,
+    else its default; None when they cannot be told (no check then)."""
+    ann = param.annotation
+    if ann is inspect.Parameter.empty:
+        default = param.default
+        for kind in (bool, int, float, str):
+            if type(default) is kind:
+                return [kind.__name__]
+        return None
+    text = ann if isinstance(ann, str) else getattr(ann, "__name__", str(ann))
+    kinds = [t.strip() for t in text.replace("Optional[", "").rstrip("]").split("|")]
+    kinds = ["None" if k in ("None", "NoneType") else k for k in kinds]
+    return kinds if all(k in _KIND_WORDS for k in kinds) else None
+
+
+def check_norm_option(norm: str, key: str, value: Any) -> Any:
+    """One option of norm ``norm``: the value, typed like the option (an int for a float option
+    becomes a float), or NormConfigError naming the option. Non-finite numbers, values of the
+    wrong kind and the options a run sets itself (device, dtype, process_group) are refused;
+    an unknown option is left to ``registry.create_norm`` (which suggests the right name)."""
+    if key in NOT_NORM_OPTIONS:
+        raise registry.NormConfigError(
+            f"{key} is not a norm option here: exoticnorm places the model on --device and trains "
+            "it in float32 in one process")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise registry.NormConfigError(f"{key} takes a finite number, got {value!r}")
+    options = registry.norm_options(norm)
+    kinds = _option_kinds(options[key]) if key in options else None
+    if kinds is None:
+        return value
+    if "bool" in kinds and isinstance(value, bool):
+        return value
+    if "None" in kinds and value is None:
+        return value
+    if "int" in kinds and _is_int(value):
+        return value
+    if "float" in kinds and _is_number(value):
+        return float(value)
+    if "str" in kinds and isinstance(value, str):
+        return value
+    words = " or ".join(_KIND_WORDS[k] for k in sorted(kinds, key=list(_KIND_WORDS).index))
+    raise registry.NormConfigError(f"{key} takes {words}, got {value!r}")
+
+
+def check_norm_opts(norm: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Every option in ``opts`` checked by ``check_norm_option``; the typed options."""
+    return {key: check_norm_option(norm, key, value) for key, value in opts.items()}
 
 
 @dataclass
@@ -60,15 +217,15 @@ class StudyConfig:
     precise_stats: int = 100  # batches of precise eval statistics for norms that need them
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise RunError(f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise RunError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.precise_stats < 0:
-            raise RunError(f"precise_stats must be >= 0, got {self.precise_stats}")
-        if not self.lr > 0:
-            raise RunError(f"lr must be positive, got {self.lr}")
+        """Every field checked with the CLI's rules (``check_setting``), the norm options typed
+        for the norm (``check_norm_opts``; unknown norms and options fail in build_model)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+        if self.norm_opts and self.norm in registry.available_norms():
+            try:
+                self.norm_opts = check_norm_opts(self.norm, self.norm_opts)
+            except registry.NormConfigError as exc:
+                raise RunError(f"norm_opts: {exc}") from exc
 
     def build_model(self) -> LeNet:
         return LeNet(self.norm, self.norm_opts, self.norm_layers, self.dropout, self.bias, self.activation)
@@ -170,8 +327,74 @@ def _progress(total: int, label: str):
     return _Silent()
 
 
+LOCK_FILE = ".lock"
+_held_locks: dict[str, list] = {}  # real path of a lock file → [open file, depth], this process
+_held_guard = threading.Lock()
+
+
+def _cannot_write(out: Path, exc: OSError) -> RunError:
+    return RunError(f"cannot write to --out {out} ({exc.strerror or exc}); "
+                    "choose a folder you can write to")
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str | os.PathLike, create: bool = True):
+    """Hold the exclusive lock of a run directory (created first when ``create``) while the
+    block runs; raise ``RunDirBusy`` at once, naming the holder's pid, when another process
+    holds it.
+
+    The lock is a non-blocking ``flock`` on ``RUN_DIR/.lock``, the holder's pid written in it.
+    The kernel drops it when the holder's process ends, however it ends (``kill -9`` too), so a
+    lock never goes stale; the file itself stays (removing it would race with the next run).
+    It is re-entrant within a process: the study runner holds a cell's lock around its
+    ``run_study``, which takes it again. flock is reliable on local file systems; on NFS it
+    depends on the server.
+    """
+    run_dir = Path(run_dir)
+    if create:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _cannot_write(run_dir, exc) from exc
+    path = run_dir / LOCK_FILE
+    key = os.path.realpath(path)
+    with _held_guard:
+        held = _held_locks.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is None:
+        try:
+            f = open(path, "a+")
+        except OSError as exc:
+            raise _cannot_write(run_dir, exc) from exc
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            f.close()
+            raise RunDirBusy(f"run directory {run_dir} is in use by another process (pid {pid}); "
+                             "wait for it or choose another --out") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        held = [f, 1]
+        with _held_guard:
+            _held_locks[key] = held
+    try:
+        yield run_dir
+    finally:
+        with _held_guard:
+            held[1] -= 1
+            last = held[1] == 0
+            if last:
+                del _held_locks[key]
+        if last:
+            held[0].close()  # closing the file releases the flock
+
+
 def _prepare_dir(out: Path, config: StudyConfig, resume: bool) -> dict | None:
-    """Create or check the run directory; return the checkpoint to resume from, if any."""
+    """Check the (locked) run directory; return the checkpoint to resume from, if any."""
     if resume:
         return _load_checkpoint(out, config)
     if (out / "summary.json").exists():
@@ -181,13 +404,11 @@ def _prepare_dir(out: Path, config: StudyConfig, resume: bool) -> dict | None:
         raise RunError(f"{out} holds an unfinished run; continue it with --resume, "
                        "or choose another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise RunError(f"cannot write to --out {out} ({exc.strerror or exc}); "
-                       "choose a folder you can write to") from exc
+        raise _cannot_write(out, exc) from exc
     _write_json(out / "config.json", dataclasses.asdict(config))
     return None
 
@@ -241,14 +462,26 @@ def run_study(
 
     ``stop_after`` ends the process-equivalent of a kill after that many epochs (for tests).
     ``name`` and ``wandb_config`` (merged into the logged config) name the run in wandb.
+    ``wandb_mode`` None: on resume the mode the run started with (kept in the checkpoint),
+    else ``$WANDB_MODE`` or the login (see tracking.py).
     A last batch of one example is dropped (a batch statistic of one value is undefined).
     A non-finite training loss ends the run with ``status: "diverged"``; the last good
-    checkpoint stays.
+    checkpoint stays. The run holds the directory's lock (``run_dir_lock``) throughout: a
+    second run into it fails at once with ``RunDirBusy``.
     """
     out = Path(out)
     dev = pick_device(device)
     torch.manual_seed(config.seed)
     model = config.build_model()  # bad norm options fail here, before anything is written
+    if resume and not out.is_dir():
+        raise RunError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; start a new run without --resume")
+    with run_dir_lock(out, create=not resume):
+        return _train_locked(config, out, dev, model, data_dir, wandb_mode, resume, download, echo,
+                           group, data, stop_after, name, wandb_config)
+
+
+def _train_locked(config, out, dev, model, data_dir, wandb_mode, resume, download, echo, group, data,
+                stop_after, name, wandb_config) -> dict[str, Any]:
     ckpt = _prepare_dir(out, config, resume)
     if dev.type == "cpu":
         torch.set_flush_denormal(True)  # subnormal sigmoid outputs slow CPU steps a lot
@@ -270,6 +503,8 @@ def run_study(
         if dev.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], dev)
         start_epoch, elapsed, run_id = ckpt["epoch"], ckpt["elapsed"], ckpt.get("wandb_run_id") or None
+        if wandb_mode is None and ckpt.get("wandb_mode"):  # keep the run's mode unless told otherwise
+            wandb_mode = ckpt["wandb_mode"]
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         kept = [l for l in lines if _epoch_of(l) is not None and _epoch_of(l) <= start_epoch]
         _atomic_write(metrics_path, lambda p: p.write_text("".join(l + "\n" for l in kept)))
@@ -334,7 +569,7 @@ def run_study(
             "config": dataclasses.asdict(config), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-            "elapsed": elapsed, "wandb_run_id": tracker.run_id or "",
+            "elapsed": elapsed, "wandb_run_id": tracker.run_id or "", "wandb_mode": tracker.mode,
         }
         _atomic_write(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
         tracker.log(record, step=epoch)
