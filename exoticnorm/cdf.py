@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .functional import refuse_double_backward
 from .kernels import pit_cpu
 
 __all__ = ["coarsening", "output_map", "batch_counts", "largest_ties", "batch_tables", "apply_tables", "eval_cdf",
@@ -153,11 +154,8 @@ class _KernelTransform(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy: Tensor, *_):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "the PIT norm's CPU kernel is not twice differentiable: double backward "
-                "(create_graph=True, e.g. a gradient penalty) is not supported; set "
-                "EXOTICNORM_NO_KERNELS=1 to use the torch-ops path, which is")
+        refuse_double_backward("the PIT norm's CPU kernel is",
+                               "set EXOTICNORM_NO_KERNELS=1 to use the torch-ops path, which is")
         x3, weight, *tables = ctx.saved_tensors
         gx, gw, gb = pit_cpu().backward(gy.contiguous(), x3, *tables, weight)
         return gx, gw, gb, *[None] * ctx.extra

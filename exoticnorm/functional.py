@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "stats_dtype",
     "autocast_off",
+    "refuse_double_backward",
     "channel_dims",
     "values_per_channel",
     "per_channel",
@@ -41,6 +42,14 @@ def autocast_off(x: Tensor):
     if torch.amp.is_autocast_available(kind):
         return torch.autocast(kind, enabled=False)
     return contextlib.nullcontext()
+
+
+def refuse_double_backward(what: str, hint: str) -> None:
+    """Inside a custom backward: raise if it runs with create_graph=True (grad mode on), for a
+    backward that is not itself differentiable, instead of returning a wrong second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what} not twice differentiable: double backward (create_graph=True, "
+                           f"e.g. a gradient penalty) is not supported; {hint}")
 
 
 def channel_dims(x: Tensor) -> list[int]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .functional import autocast_off
+from .functional import autocast_off, refuse_double_backward
 
 
 __all__ = [
@@ -210,11 +210,8 @@ class WhitenBatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor, *_):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "exoticnorm whitening norms are not twice differentiable: double backward "
-                "(create_graph=True, e.g. a gradient penalty) is not supported; use the "
-                "norm in eval mode (an affine map) for that part of the loss")
+        refuse_double_backward("exoticnorm whitening norms are",
+                               "use the norm in eval mode (an affine map) for that part of the loss")
         with autocast_off(grad):  # a backward called inside autocast stays in the statistics' dtype
             return WhitenBatch._backward(ctx, grad)
 
@@ -303,9 +300,7 @@ class _InvSqrtEigh(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
-            raise RuntimeError("the eigh whitening backward is not twice differentiable "
-                               "(double backward / create_graph=True is not supported)")
+        refuse_double_backward("the eigh whitening backward is", "use the norm in eval mode")
         u, s = ctx.saved_tensors
         sym = (grad + grad.mT) / 2
         si, sj = s.unsqueeze(-1), s.unsqueeze(-2)

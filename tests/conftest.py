@@ -51,3 +51,15 @@ def fake_data(tmp_path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def train_steps(model, x, y, opt, steps):
+    """``steps`` optimizer steps of cross-entropy on one fixed batch; the losses."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses

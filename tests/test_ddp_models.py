@@ -43,6 +43,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import exoticnorm as en
+from conftest import train_steps
 
 NORMS = en.available_norms()  # at collection time: a norm registered later is covered
 WORLD = 2
@@ -142,13 +143,7 @@ def _one_process(norm: str):
     x, y = _data(norm)
     model = _model(norm)
     opt = _optimizer(model)
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, x, y, opt, STEPS)
     return losses, dict(model.named_parameters()), _floating_buffers(model)
 
 

@@ -35,11 +35,11 @@ from functools import reduce
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 import exoticnorm as en
+from conftest import train_steps
 
 NORMS = en.available_norms()  # at collection time: a norm registered later is covered
 
@@ -130,13 +130,7 @@ def test_norm_trains_in_real_model(model_name, norm):
 
     opt = _optimizer(model, kind, lr)
     model.train()
-    losses = []
-    for _ in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, x, y, opt, STEPS)
     shown = " ".join(f"{v:.3g}" for v in losses)
     assert all(math.isfinite(v) for v in losses), f"non-finite loss: {shown}"
     assert sum(losses[-3:]) / 3 < losses[0], f"loss did not fall: {shown}"
