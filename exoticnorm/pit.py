@@ -39,14 +39,14 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _synced_ties(value: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
-    """The ranks' largest ties per channel as one: the smallest tied value among the ranks
-    (ReLU zeros are 0 on every rank) and the sum of the ranks' ties at exactly that value."""
-    lowest = torch.nan_to_num(value, nan=float("inf")).clone()
+def _union_bins(bottom: Tensor, ties: Tensor) -> tuple[Tensor, Tensor]:
+    """Each bin's smallest value over all ranks and the ranks' ties at exactly that value, so
+    that the tables (and the ties' mid-ranks) are those of the concatenated batch."""
+    lowest = bottom.clone()
     dist.all_reduce(lowest, op=dist.ReduceOp.MIN)
-    total = torch.where(value == lowest, size, 0.0)
+    total = torch.where(bottom.view_as(ties) == lowest.view_as(ties), ties, 0.0)
     dist.all_reduce(total)
-    return torch.where(torch.isinf(lowest), float("nan"), lowest), total
+    return lowest, total
 
 
 OUTPUTS = ("normal", "uniform")
@@ -125,10 +125,11 @@ class PITNorm(RunningStatsNorm):
         kernel = pit_cpu()
         center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
         counts, bottom, ties, moments = kernel.histogram(x3, center, scale, self.bins)
-        tied, size = _synced_ties(*cdf.largest_ties(bottom, ties))
+        bottom, ties = _union_bins(bottom, ties)
+        tied, size = cdf.largest_ties(bottom, ties)
         dist.all_reduce(counts)
-        lo, span, tie, atom, slope = kernel.tables(counts, ties, bottom, moments[0], normal, self.tail,
-                                            self.smoothing, sketch.cdf, sketch.weight, momentum, observe)
+        lo, span, tie, atom, slope = kernel.tables(counts, ties, bottom, counts.sum(1), normal, self.tail,
+                                                   self.smoothing, sketch.cdf, sketch.weight, momentum, observe)
         if observe:
             sketch.observe_atoms(tied, size / counts.sum(1).clamp_min(1), counts.sum(1))
         if not fresh:
@@ -144,15 +145,14 @@ class PITNorm(RunningStatsNorm):
         z = (x3 - center.view(1, -1, 1)) / scale.view(1, -1, 1)
         t = (z / (1.0 + z.abs()) + 1.0) * (0.5 * self.bins)
         flat, counts, bottom, ties, moments = cdf.batch_counts(x3, t, self.bins, center)
-        local_n = moments[0].unsqueeze(1)
         if _distributed():
+            bottom, ties = _union_bins(bottom, ties)
             dist.all_reduce(counts)
+        local_n = counts.sum(1, keepdim=True)
         if self.training and self.track_running_stats:
             sketch.observe(counts.to(sketch.cdf.dtype))
             sketch.nonfinite.add_((x3.shape[0] * x3.shape[2] - moments[0]).to(sketch.nonfinite.dtype))
             atom, size = cdf.largest_ties(bottom, ties)
-            if _distributed():
-                atom, size = _synced_ties(atom, size)
             sketch.observe_atoms(atom, size / counts.sum(1).clamp_min(1), counts.sum(1))
         if not fresh:
             sketch.follow_moments(moments)
