@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import functional as EF
-from .base import InputError, RunningStatsNorm
+from .base import RunningStatsNorm
 
 __all__ = ["BatchNorm", "BatchNormMean", "BatchNormVar", "FrozenAffineBatchNorm"]
 

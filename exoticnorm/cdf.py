@@ -105,20 +105,20 @@ def _pieces(at_edges: Tensor, start_tied: Tensor, has_atom: Tensor, r: Tensor) -
     return start + (idx - p) * rise, rise
 
 
-def batch_tables(counts: Tensor, ties: Tensor, local_n: Tensor, output: str, tail: float,
+def batch_tables(counts: Tensor, ties: Tensor, n: Tensor, output: str, tail: float,
                  smoothing: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-bin tables (C, K) of the training transform (module docstring): lo (output at the
     bin's bottom, after any ties there), span (its rise across the bin), atom (the ties'
     output), whether the bin has ties, and slope (the backward's rise across the bin, from
-    pieces of about ``smoothing`` values). ``counts`` may be summed over processes; ``ties``
-    and ``local_n`` (C, 1) are this process's."""
+    pieces of about ``smoothing`` values). ``counts``, ``ties`` (at each bin's smallest value)
+    and ``n`` (C, 1) are those of the whole batch, summed over processes."""
     c, k = counts.shape
     g = output_map(output, tail)
     n = counts.sum(1, keepdim=True)
     edges = torch.cat([counts.new_zeros(c, 1), counts.cumsum(1)], 1) / n
     at_edges = g(edges)
     has_atom = ties > 1
-    share = torch.where(has_atom, ties, 0.0) / local_n
+    share = torch.where(has_atom, ties, 0.0) / n
     below = edges[:, :-1]
     start_tied = g(below + share)
     lo, span = _pieces(at_edges, start_tied, has_atom, torch.ones_like(n, dtype=torch.long))

@@ -119,19 +119,19 @@ class PITNorm(RunningStatsNorm):
                 sketch.var, sketch.ready, config)
             if observe:
                 sketch.nonfinite.add_((x3.shape[0] * x3.shape[2] - finite).to(sketch.nonfinite.dtype))
-                sketch.observe_atoms(atom, ties / finite.clamp_min(1), finite)
+                sketch.observe_atoms(atom, ties, finite)
             sketch.move_grids(regrid, std)
             return y
         kernel = pit_cpu()
         center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
         counts, bottom, ties, moments = kernel.histogram(x3, center, scale, self.bins)
         bottom, ties = _union_bins(bottom, ties)
-        tied, size = cdf.largest_ties(bottom, ties)
         dist.all_reduce(counts)
-        lo, span, tie, atom, slope = kernel.tables(counts, ties, bottom, counts.sum(1), normal, self.tail,
+        n = counts.sum(1)
+        lo, span, tie, atom, slope = kernel.tables(counts, ties, bottom, n, normal, self.tail,
                                                    self.smoothing, sketch.cdf, sketch.weight, momentum, observe)
         if observe:
-            sketch.observe_atoms(tied, size / counts.sum(1).clamp_min(1), counts.sum(1))
+            sketch.observe_atoms(*cdf.largest_ties(bottom, ties), n)
         if not fresh:
             sketch.follow_moments(moments)
         return cdf.TableTransform.apply(x3, weight, bias, center, scale, lo, span, tie, atom, slope)
@@ -148,15 +148,14 @@ class PITNorm(RunningStatsNorm):
         if _distributed():
             bottom, ties = _union_bins(bottom, ties)
             dist.all_reduce(counts)
-        local_n = counts.sum(1, keepdim=True)
+        n = counts.sum(1, keepdim=True)
         if self.training and self.track_running_stats:
             sketch.observe(counts.to(sketch.cdf.dtype))
             sketch.nonfinite.add_((x3.shape[0] * x3.shape[2] - moments[0]).to(sketch.nonfinite.dtype))
-            atom, size = cdf.largest_ties(bottom, ties)
-            sketch.observe_atoms(atom, size / counts.sum(1).clamp_min(1), counts.sum(1))
+            sketch.observe_atoms(*cdf.largest_ties(bottom, ties), n.squeeze(1))
         if not fresh:
             sketch.follow_moments(moments)
-        tables = cdf.batch_tables(counts.to(x3.dtype), ties.to(x3.dtype), local_n.to(x3.dtype),
+        tables = cdf.batch_tables(counts.to(x3.dtype), ties.to(x3.dtype), n.to(x3.dtype),
                                   self.output, self.tail, self.smoothing)
         return cdf.apply_tables(x3, t, flat, bottom, tables, weight, bias)
 
@@ -183,8 +182,9 @@ class PITNorm(RunningStatsNorm):
                     y3 = self._train_transform(rearrange(x3, "n c 1 -> 1 c n").contiguous())
                     return rearrange(y3, "1 c n -> n c 1").reshape(xs.shape).to(x.dtype)
                 return self._train_transform(x3.contiguous()).view(xs.shape).to(x.dtype)
-            f = self.sketch.cdf_at(xs.movedim(1, 0))
-            t = self.sketch.position(xs, dim=1).movedim(1, 0)
+            xc = xs.movedim(1, 0)  # channels first
+            t = self.sketch.position(xc)
+            f = self.sketch.cdf_at(xc, t)
             u = cdf.eval_cdf(f.to(dtype), t, self.sketch.weight, self.bins).movedim(0, 1)
             y = torch.special.ndtri(u) if self.output == "normal" else u
             y = EF.affine_normalize(y, None, None, self.weight, self.bias, 0.0)

@@ -140,9 +140,10 @@ class QuantileSketch(nn.Module):
         lo, hi = full.gather(1, k), full.gather(1, k + 1)
         return (lo + (flat_t - k) * (hi - lo)).reshape(t.shape)
 
-    def cdf_at(self, x: Tensor) -> Tensor:
-        """The sketch's CDF at values x (C, …), with the mid-rank at each channel's atom."""
-        t = self.position(x)
+    def cdf_at(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """The sketch's CDF at values x (C, …), with the mid-rank at each channel's atom
+        (``t``: their positions, when already computed)."""
+        t = self.position(x) if t is None else t
         return self._with_atoms(self.interpolate(self.cdf, t), x, t)
 
     def _with_atoms(self, f: Tensor, x: Tensor, t: Tensor) -> Tensor:
@@ -212,8 +213,7 @@ class QuantileSketch(nn.Module):
         if _distributed():
             dist.all_reduce(counts)
         self.observe(counts)
-        atom, size = _cdf.largest_ties(bottom, ties)
-        self.observe_atoms(atom, size / moments[0].clamp_min(1), counts.sum(1))
+        self.observe_atoms(*_cdf.largest_ties(bottom, ties), counts.sum(1))
         if not fresh:
             self.follow(x)
         return counts
@@ -307,10 +307,11 @@ class QuantileSketch(nn.Module):
         self.weight.add_(n)
 
     @torch.no_grad()
-    def observe_atoms(self, value: Tensor, share: Tensor, n: Tensor) -> None:
-        """Average a batch's largest tie per channel (``value``, NaN for none; ``share`` of the
+    def observe_atoms(self, value: Tensor, size: Tensor, n: Tensor) -> None:
+        """Average a batch's largest tie per channel (``value``, NaN for none; ``size`` of the
         batch's n values) into ``atom``/``atom_mass`` with the weights ``observe`` used (call
         it after ``observe``). A tie at another value replaces the atom."""
+        share = size / n.clamp_min(1)
         n = n.to(self.weight.dtype)
         before = self.weight - n
         if self.momentum is None:

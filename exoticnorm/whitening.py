@@ -228,7 +228,6 @@ class WhitenBatch(torch.autograd.Function):
                                          retain_graph=True))  # small; lets callers backward twice
         grad_cov = next(found)
         grad_params = [next(found) if p is not None and p.requires_grad else None for p in params]
-        grad_params = [None if g is None else g.flatten()[: ctx.shape[1]] for g in grad_params]
         at = a.detach().mT
         grad_x = block_matmul(at, grad).sub_((at @ grad_b.unsqueeze(-1)) / m)
         if grad_cov is not None:
@@ -283,6 +282,11 @@ def _eigh_parts(cov: Tensor) -> tuple[Tensor, Tensor]:
     return u, torch.maximum(lam, lam[..., -1:] * info.eps).clamp_min(info.tiny).sqrt()
 
 
+def _inv_sqrt_from(u: Tensor, s: Tensor) -> Tensor:
+    """U diag(1/s) Uᵀ."""
+    return (u / s.unsqueeze(-2)) @ u.mT
+
+
 class _InvSqrtEigh(torch.autograd.Function):
     """W = U diag(λ^(-1/2)) Uᵀ, with the Daleckii–Krein backward written in closed form.
 
@@ -296,7 +300,7 @@ class _InvSqrtEigh(torch.autograd.Function):
     def forward(ctx, cov: Tensor) -> Tensor:
         u, s = _eigh_parts(cov)
         ctx.save_for_backward(u, s)
-        return (u / s.unsqueeze(-2)) @ u.mT
+        return _inv_sqrt_from(u, s)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
@@ -313,8 +317,7 @@ def inv_sqrt_eigh(cov: Tensor) -> Tensor:
     only where a gradient is wanted (plain ops otherwise, e.g. in eval under vmap)."""
     if torch.is_grad_enabled() and cov.requires_grad:
         return _InvSqrtEigh.apply(cov)
-    u, s = _eigh_parts(cov)
-    return (u / s.unsqueeze(-2)) @ u.mT
+    return _inv_sqrt_from(*_eigh_parts(cov))
 
 
 def inv_sqrt_newton(cov: Tensor, iterations: int = 5) -> Tensor:

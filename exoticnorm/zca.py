@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import functional as EF
 from . import whitening as W
-from .base import InputError, RunningStatsNorm
+from .base import RunningStatsNorm
 
 __all__ = ["ZCANorm", "BlockZCANorm", "SparseZCANorm"]
 

@@ -219,10 +219,10 @@ struct Output {
   }
 };
 
-// One channel's tables (K values each) from its bin counts (summed over ranks), the ties at each
-// bin's bottom, the bottoms and the channel's local count: lo (output at the bin's bottom), span
-// (increase across the bin), tie (the bottom where several values tie there, NaN elsewhere),
-// atom (output of the ties' mid-rank) and slope (the backward's rise across the bin). The
+// One channel's tables (K values each) from its bin counts, the ties at each bin's bottom, the
+// bottoms and the count the ties are a share of (all of the whole batch, over ranks): lo (output
+// at the bin's bottom), span (increase across the bin), tie (the bottom where several values
+// tie there, NaN elsewhere), atom (output of the ties' mid-rank) and slope (the backward's rise across the bin). The
 // output is the batch CDF G through g at every bin edge (just after the ties, for a bin with
 // ties), linear in t in between. The slope is that of the same construction with knots only at
 // every r-th edge (r = out.coarsening(n, K)) and at tied bins: a histogram density over pieces
@@ -487,7 +487,7 @@ std::vector<torch::Tensor> histogram(torch::Tensor x, torch::Tensor center, torc
 }
 
 // The per-bin tables (C, K) from bin counts (summed over ranks), ties, bottoms and each
-// channel's local count (see channel_tables), with outputs G or Phi^-1(clamp(G, tail, 1 - tail))
+// channel's count (see channel_tables), with outputs G or Phi^-1(clamp(G, tail, 1 - tail))
 // when normal. With observe, the sketch's cdf and weight take the batch (momentum < 0:
 // cumulative).
 std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torch::Tensor bottom, torch::Tensor local_n,
