@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from . import functional as EF
 from .base import RunningStatsNorm
 
@@ -22,13 +25,35 @@ class BatchNorm(RunningStatsNorm):
 
     Non-finite input is not hidden: NaN/Inf propagate to the output and, in training, into the
     running statistics, as in torch.
+
+    Synced: in training inside an initialized process group of 2+ processes (``process_group``,
+    default all), the statistics are those of every process's batch together, as in
+    torch.nn.SyncBatchNorm, on the CPU too: mean, biased variance (unbiased, from the global
+    count, for ``running_var``) and gradients across processes (``distributed.synced_moments``).
+    Eval mode never syncs. A group of one process (``dist.new_group([rank])``) opts out.
     """
 
     _center = True
     _scale = True
     _convertible_state = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+
     def _normalize(self, x: Tensor) -> Tensor:
+        if self.training and distributed.synced(self.process_group):
+            return self._synced_normalize(x)
         factor = self.update_factor()
         running_mean = getattr(self, "running_mean", None)
         running_var = getattr(self, "running_var", None)
@@ -41,6 +66,23 @@ class BatchNorm(RunningStatsNorm):
             x, running_mean, running_var, self.weight, self.bias,
             self.uses_batch_stats, factor, self.eps, center=self._center, scale=self._scale,
         )
+
+    def _synced_normalize(self, x: Tensor) -> Tensor:
+        """Training with the statistics of every process's batch (see the class docstring); the
+        running mean, equal on all ranks, is the shift of the summed moments."""
+        factor = self.update_factor()
+        running_mean = getattr(self, "running_mean", None)
+        running_var = getattr(self, "running_var", None)
+        dtype = EF.stats_dtype(x)
+        with EF.autocast_off(x):
+            shift = running_mean if running_mean is not None else x.new_zeros(x.shape[1], dtype=dtype)
+            mean, var, count = distributed.synced_moments(x.to(dtype), shift, self.process_group)
+            if self._center:
+                EF.update_running(running_mean, mean, factor)
+            if self._scale:
+                EF.update_running(running_var, var * (count / (count - 1)), factor)
+            return EF.affine_normalize(x, mean if self._center else None, var if self._scale else None,
+                                       self.weight, self.bias, self.eps)
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[Tensor, Tensor]:
@@ -92,8 +134,10 @@ class FrozenAffineBatchNorm(BatchNorm):
         track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        process_group: Any = None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, False, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, False, track_running_stats, device, dtype,
+                         process_group)
         del self.weight, self.bias
         self.register_buffer("weight", torch.ones(num_features, device=device, dtype=dtype))
         self.register_buffer("bias", torch.zeros(num_features, device=device, dtype=dtype))

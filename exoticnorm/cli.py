@@ -96,9 +96,19 @@ def main() -> None:
                    "when logged in, else offline]")
 @click.option("--group", help="wandb group for this run.")
 @click.option("--resume", is_flag=True, help="Continue the unfinished run in --out from its last epoch.")
+@click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Train this one model on N processes of this machine (torchrun, DDP, synced norms; "
+                   "one GPU each with CUDA); --batch-size is the global batch, split over them.")
 @click.pass_context
-def study(ctx: click.Context, norm_opts, out, device, data_dir, download, wandb_mode, group, resume, **fields) -> None:
-    """Train the d2l BN-LeNet on FashionMNIST with a norm (defaults: d2l's SGD, lr 0.1, batch 128, 10 epochs)."""
+def study(ctx: click.Context, norm_opts, out, device, data_dir, download, wandb_mode, group, resume, nproc,
+          **fields) -> None:
+    """Train the d2l BN-LeNet on FashionMNIST with a norm (defaults: d2l's SGD, lr 0.1, batch 128, 10 epochs).
+
+    Under torchrun (`torchrun --nproc-per-node N -m exoticnorm study ...`) the processes train
+    one model together; `--nproc N` starts that for you."""
+    from . import distributed
+    from .train import pick_device
+
     try:
         if resume:
             if not out:
@@ -118,14 +128,48 @@ def study(ctx: click.Context, norm_opts, out, device, data_dir, download, wandb_
     else:
         config = _checked_config({**fields, "norm_opts": parse_norm_opts(fields["norm"], norm_opts)}, norm_opts)
         out = out or f"runs/{config.norm}-s{config.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if nproc > 1:
+        _launch_torchrun(ctx, nproc, config.batch_size, out)
     try:
-        # wandb_mode None (no --wandb): a resumed run keeps the mode it started with
-        summary = run_study(config, out, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
-                            resume=resume, download=download, echo=click.echo, group=group)
+        with distributed.session(pick_device(device)):  # joins torchrun's process group, if any
+            out = distributed.from_main(out)  # the default name: rank 0's clock
+            # wandb_mode None (no --wandb): a resumed run keeps the mode it started with
+            summary = run_study(config, out, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
+                                resume=resume, download=download, echo=click.echo, group=group)
     except (RunError, registry.NormConfigError, DatasetNotFound, InputError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     if summary["status"] == "diverged":
         ctx.exit(DIVERGED_EXIT)
+
+
+def _launch_torchrun(ctx: click.Context, nproc: int, batch_size: int, out: str) -> None:
+    """`study --nproc N`: the same command (with --out fixed) as N processes under torchrun;
+    exits with their exit code (DIVERGED_EXIT when the run diverged)."""
+    import os
+
+    from . import distributed
+
+    if "WORLD_SIZE" in os.environ:
+        raise click.UsageError("--nproc starts torchrun itself; under torchrun leave it out")
+    try:
+        distributed.check_batch_size(batch_size, nproc)
+    except distributed.DistributedError as exc:
+        raise click.UsageError(str(exc)) from exc
+    args = []
+    for param in ctx.command.params:  # the options given, defaults left out
+        if param.name in ("nproc", "out") or ctx.get_parameter_source(param.name) is click.core.ParameterSource.DEFAULT:
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            args += [param.opts[0]] if value else param.secondary_opts[:1]
+        else:
+            for v in value if param.multiple else [value]:
+                args += [param.opts[0], str(v)]
+    code = distributed.launch(nproc, [*args, "--out", str(out)])
+    summary = Path(out) / "summary.json"
+    if code and summary.exists() and json.loads(summary.read_text()).get("status") == "diverged":
+        code = DIVERGED_EXIT
+    ctx.exit(code)
 
 
 @main.command()
@@ -177,16 +221,19 @@ def bench(names, repeats, train_steps, device, json_out) -> None:
 @main.command("bench-whitening")
 @click.option("--iternorm", type=click.Path(exists=True, dir_okay=False),
               help="The published IterNorm layer (iterative_normalization.py) to compare with.")
-@click.option("--channels", default="64,128,256,512", show_default=True)
+@click.option("--channels", default="64,256,1024", show_default=True)
 @click.option("--group", default=64, show_default=True, help="Channels per whitened group.")
-@click.option("--repeats", default=10, show_default=True)
+@click.option("--repeats", default=5, show_default=True)
+@click.option("--lenet-steps", default=0, show_default=True,
+              help="Also measure on activations of a BN-LeNet trained this many steps (0 = skip).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
-def bench_whitening(iternorm, channels, group, repeats, json_out) -> None:
-    """Block ZCA (eigh, and 5 Newton-Schulz steps) against IterNorm: time and whitening error."""
+def bench_whitening(iternorm, channels, group, repeats, lenet_steps, json_out) -> None:
+    """Every whitening variant (and IterNorm): time and whitening error, one table."""
     from .bench_whitening import run_whitening_bench
 
     rows = run_whitening_bench(tuple(int(c) for c in channels.split(",")), group=group,
-                               iternorm=iternorm, repeats=repeats, echo=click.echo)
+                               iternorm=iternorm, repeats=repeats, lenet_steps=lenet_steps,
+                               echo=click.echo)
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
 
@@ -208,12 +255,27 @@ def _study_runs_dir(study, out: str | None) -> Path:
     return Path(out) if out else Path("runs/studies") / study.run_dir_name
 
 
+def _check_executor_options(ctx: click.Context, executor: str) -> None:
+    """`run`: an option typed for another executor than the chosen one is a usage error."""
+    given = [p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) is click.core.ParameterSource.COMMANDLINE]
+    for name in given:
+        owner = name.split("_")[0]
+        if owner in ("ray", "slurm") and owner != executor:
+            raise click.UsageError(f"--{name.replace('_', '-')} applies to --executor {owner}, "
+                                   f"not {executor}; add --executor {owner} or leave it out")
+    if executor == "slurm" and "jobs" in given:
+        raise click.UsageError("--jobs applies to the local and ray executors; with --executor slurm, "
+                               "--slurm-array-parallelism sets how many cells run at once")
+
+
 @main.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
 @click.option("--seeds", type=click.IntRange(min=1), help="Seeds 0..N-1 [default: the study's].")
 @click.option("--quick", is_flag=True, help="The study's quick form (few epochs, a data subset, fewer seeds).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Cells run in parallel processes (each gets cores/jobs threads).")
+              help="Cells run in parallel processes (each gets cores/jobs threads); with --executor "
+                   "ray, cells per node (each gets cores/jobs CPUs, or one GPU).")
 @click.option("--shard", help="i/n: run only every n-th cell starting at the i-th (split a study over machines).")
 @click.option("--out", type=click.Path(file_okay=False), help="Runs folder [default: runs/studies/NAME[-quick]].")
 @click.option("--device", default="auto", show_default=True)
@@ -223,12 +285,30 @@ def _study_runs_dir(study, out: str | None) -> Path:
               help="[default: $WANDB_MODE, else online when logged in, else offline]")
 @click.option("--export-sweep", type=click.Path(dir_okay=False),
               help="Write the grid as a wandb sweep config (YAML) and run nothing.")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray", "slurm"]),
+              help="Where the cells run: here (--jobs processes), as Ray tasks, or as a SLURM job "
+                   "array (submitit). The runs folder must be shared storage for ray and slurm.")
+@click.option("--ray-address", envvar="RAY_ADDRESS", show_envvar=True,
+              help="Ray cluster, HEAD_IP:6379 [default: a local Ray started for the run].")
+@click.option("--slurm-partition", help="SLURM partition [default: the cluster's].")
+@click.option("--slurm-time", default=120, show_default=True, type=click.IntRange(min=1),
+              help="Time limit of each cell, in minutes (a cell cut off resumes on the next run).")
+@click.option("--slurm-gpus-per-task", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--slurm-cpus-per-task", default=1, show_default=True, type=click.IntRange(min=1),
+              help="CPUs of each cell, also its torch threads.")
+@click.option("--slurm-array-parallelism", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Cells running at once.")
+@click.option("--slurm-cluster", default="slurm", show_default=True, type=click.Choice(["slurm", "local"]),
+              help="local: submitit's local executor, every cell a process on this machine (to try a setup).")
 @click.pass_context
-def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, download, wandb_mode, export_sweep) -> None:
+def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, download, wandb_mode, export_sweep,
+        executor, **executor_opts) -> None:
     """Run every cell of a study (studies/NAME.toml); finished cells are skipped, killed ones resumed."""
+    from .executors import ExecutorError, make_executor
     from .grid import StudyError, load_study, parse_shard
     from .runner import run_cells
 
+    _check_executor_options(ctx, executor)
     try:
         study = load_study(study_file, quick=quick, seeds=seeds)
         shard_spec = parse_shard(shard)
@@ -241,9 +321,12 @@ def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, downl
                        f"wandb sweep {export_sweep}  and then: wandb agent ENTITY/PROJECT/SWEEP_ID")
             return
         runs = _study_runs_dir(study, out)
-        counts = run_cells(study, runs, jobs=jobs, shard=shard_spec, device=device, data_dir=data_dir,
-                           wandb_mode=wandb_mode, download=download, echo=click.echo)
-    except (StudyError, RunError) as exc:
+        with make_executor(executor, study_name=study.run_dir_name, runs=runs, jobs=jobs, device=device,
+                           **executor_opts) as cells_executor:  # connects before anything is written
+            counts = run_cells(study, runs, jobs=jobs, shard=shard_spec, device=device, data_dir=data_dir,
+                               wandb_mode=wandb_mode, download=download, echo=click.echo,
+                               executor=cells_executor)
+    except (StudyError, RunError, ExecutorError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(" ".join(f"{k}: {v}" for k, v in counts.items()))
     report_cmd = f"exoticnorm report {study_file}" + (" --quick" if quick else "") + (f" --runs {out}" if out else "")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import ctypes
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -149,10 +150,12 @@ def run_cells(
     wandb_mode: str | None = None,
     download: bool = True,
     echo: Callable[[str], None] = print,
+    executor=None,
 ) -> dict[str, int]:
     """Run every cell of ``study`` (in ``shard``) not yet finished under ``out``; return counts
     of cells by outcome. ``jobs`` > 1 runs cells in that many processes, each with
-    cores/jobs torch threads."""
+    cores/jobs torch threads. An entered ``executor`` (executors.py: Ray, SLURM) runs them
+    instead."""
     if jobs < 1:
         raise StudyError(f"--jobs must be at least 1, got {jobs}")
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +178,7 @@ def run_cells(
             todo.append(cell)
     where = f" (shard {shard[0]}/{shard[1]})" if shard else ""
     echo(f"study {study.name}{where}: {len(cells)} cells, {counts['done']} already finished, "
-         f"{len(todo)} to run in {out} with {jobs} job(s)")
+         f"{len(todo)} to run in {out} with {executor.description if executor else f'{jobs} job(s)'}")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
     args = (study.run_dir_name, str(out), device, data_dir, wandb_mode, download, threads)
     said_offline = False
@@ -193,7 +196,15 @@ def run_cells(
             echo(f"wandb: online init failed (the reason is in {where}); the remaining cells log "
                  "offline; upload them later with wandb sync")
 
-    if jobs == 1:
+    if executor is not None:
+        if todo:  # find (or download) the dataset once, not in every task at the same time
+            _cached_data({}, todo[0], device, data_dir, download)
+        run_cell = functools.partial(  # absolute paths: tasks may start in another folder
+            _run_cell, study.run_dir_name, out=str(out.resolve()), device=device,
+            data_dir=data_dir and str(Path(data_dir).resolve()), wandb_mode=wandb_mode, download=download)
+        for i, (cell, result) in enumerate(executor.run(todo, run_cell), 1):
+            report(i, cell, result)
+    elif jobs == 1:
         tracking.remember_init_failures()
         try:
             cache: dict = {}

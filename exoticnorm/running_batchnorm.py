@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import distributed
 from . import functional as EF
 from .base import RunningStatsNorm
 
@@ -28,6 +30,9 @@ class RunningBatchNorm(RunningStatsNorm):
     fastai also divides S, Q and c by a debiasing factor; it cancels in S / c and Q / c, so it
     is left out here. ``sqrs`` holds R (state_dict version 2; version-1 dicts, which held the
     raw sum of squares Q = R + S²/c, are converted on load).
+
+    Synced: in training inside an initialized process group of 2+ processes (``process_group``,
+    default all), B, n, μ_b and r_b are those of every process's batch together, as for ``bn``.
     """
 
     _running_stats = {
@@ -48,10 +53,12 @@ class RunningBatchNorm(RunningStatsNorm):
         affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        process_group: Any = None,
     ) -> None:
         if momentum is None:
             raise ValueError("RunningBatchNorm needs a float momentum; it has no cumulative mode")
         super().__init__(num_features, eps, momentum, affine, True, device, dtype)
+        self.process_group = process_group
 
     _version = 2
     cumulative = False
@@ -64,15 +71,14 @@ class RunningBatchNorm(RunningStatsNorm):
         )
         if self.training:
             self.update_factor()
-            m = 1.0 - (1.0 - self.momentum) / math.sqrt(max(x.shape[0] - 1, 1))
-            n = float(EF.values_per_channel(x))
-            var_b, mean_b = torch.var_mean(x.to(dtype), dim=EF.channel_dims(x), correction=0)
+            mean_b, var_b, n, batch = self._batch_moments(x.to(dtype), sums / count.clamp_min(1e-12))
+            m = 1.0 - (1.0 - self.momentum) / math.sqrt(max(batch - 1, 1))
             w1, w2 = (1.0 - m) * count, m * n
             old_mean = torch.where(count > 0, sums / count.clamp_min(1e-12), mean_b)
             sqrs = (1.0 - m) * sqrs + m * n * var_b + w1 * w2 / (w1 + w2) * (old_mean - mean_b) ** 2
             sums = torch.lerp(sums, n * mean_b, m)
             count = torch.lerp(count, count.new_tensor(n), m)
-            samples = samples + x.shape[0]
+            samples = samples + batch
             with torch.no_grad():
                 for buffer, value in zip(
                     (self.sums, self.sqrs, self.count, self.samples), (sums, sqrs, count, samples)
@@ -83,6 +89,16 @@ class RunningBatchNorm(RunningStatsNorm):
         var = torch.where(seen, (sqrs / count.clamp_min(1e-12)).clamp_min(0.0), 1.0)
         var = torch.where(samples < self.min_samples, var.clamp_min(self.min_var), var)
         return EF.affine_normalize(x, mean, var, self.weight, self.bias, self.eps)
+
+    def _batch_moments(self, x: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, float, float]:
+        """μ_b, the biased σ²_b, the values per channel n and the samples B of this batch (of every
+        process's batch when synced, summed around ``shift``, the running mean)."""
+        if not distributed.synced(self.process_group):
+            var_b, mean_b = torch.var_mean(x, dim=EF.channel_dims(x), correction=0)
+            return mean_b, var_b, float(EF.values_per_channel(x)), float(x.shape[0])
+        mean_b, var_b, count = distributed.synced_moments(x, shift, self.process_group)
+        n = count.item()
+        return mean_b, var_b, n, n * x.shape[0] / EF.values_per_channel(x)
 
     @torch.no_grad()
     def eval_affine(self) -> tuple[Tensor, Tensor]:

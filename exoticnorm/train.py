@@ -6,6 +6,11 @@ finished, ``summary.json``. A run holds an exclusive lock on the directory (``fl
 ``.lock`` file, see ``run_dir_lock``) from start to end, so two runs never write to one
 directory. Shuffling uses a generator seeded per epoch and the RNG state is
 checkpointed, so a resumed run ends with the metrics of an uninterrupted one on the CPU.
+
+Under several processes (torchrun, see ``exoticnorm.distributed``) one model trains with
+DistributedDataParallel: every rank draws the same shuffled order and trains on its shard of
+each global batch of ``batch_size``, the norms sync their statistics, every rank evaluates
+the whole test set, and rank 0 alone holds the lock and writes files and wandb.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
+from . import distributed, registry
 from .data import FashionMNIST, load_fashion_mnist
 from .models import LeNet
 from .models.lenet import ACTIVATIONS, LAYER_SETS, NORM_SITES
@@ -139,8 +144,9 @@ def check_setting(name: str, value: Any) -> Any:
     raise RunError(f"unknown setting {name!r}")
 
 
-# options a run sets itself: the device comes from --device, the model trains in float32 on
-# one process; as norm options they would only produce a model on the wrong device or a crash
+# options a run sets itself: the device comes from --device, the model trains in float32, its
+# norms synced over all processes of a torchrun run; as norm options they would only produce a
+# model on the wrong device, a crash or a half-synced run
 NOT_NORM_OPTIONS = ("device", "dtype", "process_group")
 _KIND_WORDS = {"bool": "true or false", "int": "an integer", "float": "a finite number",
                "str": "a string", "None": "None"}
@@ -169,8 +175,8 @@ def check_norm_option(norm: str, key: str, value: Any) -> Any:
     an unknown option is left to ``registry.create_norm`` (which suggests the right name)."""
     if key in NOT_NORM_OPTIONS:
         raise registry.NormConfigError(
-            f"{key} is not a norm option here: exoticnorm places the model on --device and trains "
-            "it in float32 in one process")
+            f"{key} is not a norm option here: exoticnorm places the model on --device, trains "
+            "it in float32 and syncs its norms over all processes of the run")
     if isinstance(value, float) and not math.isfinite(value):
         raise registry.NormConfigError(f"{key} takes a finite number, got {value!r}")
     options = registry.norm_options(norm)
@@ -271,11 +277,47 @@ class ActivationStats:
         return hook
 
     def epoch_summary(self) -> dict[str, float]:
-        out = {}
-        for site, (mean, std, n) in ((s, v.tolist()) for s, v in self.sums.items()):
-            out[f"act/{site}/mean"], out[f"act/{site}/std"] = mean / n, std / n
+        """The epoch's averages (over every rank's samples), and a fresh start."""
+        sites, out = list(self.sums), {}
+        if sites:
+            sums = distributed.all_sum(torch.stack([self.sums[s] for s in sites])).tolist()
+            for site, (mean, std, n) in zip(sites, sums):
+                out[f"act/{site}/mean"], out[f"act/{site}/std"] = mean / n, std / n
         self.sums = {}
         return out
+
+
+def _train_size(n_data: int, batch_size: int) -> int:
+    """The training images an epoch uses: all but one when the last batch would hold one only
+    (a batch statistic of one value is undefined), so a different example sits out each epoch."""
+    return n_data - 1 if n_data % batch_size == 1 and n_data > 1 else n_data
+
+
+def _train_epoch(model: nn.Module, optimizer, data: FashionMNIST, order, batch_size: int,
+                 stats: ActivationStats, label: str) -> tuple[float, float]:
+    """One pass over ``order`` in global batches of ``batch_size``, each rank training on its
+    shard of every batch; the summed loss and the count of correct predictions over all ranks."""
+    loss_sum = torch.zeros((), device=order.device)
+    correct = torch.zeros((), device=order.device)
+    steps, world = math.ceil(len(order) / batch_size), distributed.world_size()
+    with _progress(steps, label) as bar:
+        for step in range(steps):
+            batch = order[step * batch_size : (step + 1) * batch_size]
+            idx = distributed.shard(batch)
+            x, y = data.train_x[idx], data.train_y[idx]
+            stats.step = step
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            # DDP averages the ranks' gradients; weighting each shard's mean loss by its share of
+            # the batch makes that the gradient of the batch's mean (a weight of 1 in one process)
+            (loss * (len(idx) * world / len(batch))).backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == y).sum()
+            bar.update(1)
+    loss_total, correct_total = distributed.all_sum(torch.stack([loss_sum, correct])).tolist()
+    return loss_total, correct_total
 
 
 def _evaluate(model: nn.Module, x, y, batch_size: int = 1024) -> tuple[float, float]:
@@ -308,10 +350,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _progress(total: int, label: str):
-    """A progress bar on a TTY only; a no-op context elsewhere (logs, CI)."""
+    """A progress bar on a TTY only (and rank 0's only); a no-op context elsewhere (logs, CI)."""
     import click
 
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and distributed.rank() == 0:
         return click.progressbar(length=total, label=label, file=sys.stderr)
 
     class _Silent:
@@ -393,10 +435,13 @@ def run_dir_lock(run_dir: str | os.PathLike, create: bool = True):
             held[0].close()  # closing the file releases the flock
 
 
-def _prepare_dir(out: Path, config: StudyConfig, resume: bool) -> dict | None:
-    """Check the (locked) run directory; return the checkpoint to resume from, if any."""
+def _prepare_dir(out: Path, config: StudyConfig, resume: bool, main: bool = True) -> dict | None:
+    """Check the (locked) run directory; return the checkpoint to resume from, if any. Only
+    the ``main`` process (rank 0) checks and writes a new run's directory."""
     if resume:
         return _load_checkpoint(out, config)
+    if not main:
+        return None
     if (out / "summary.json").exists():
         raise RunError(f"{out} holds a finished run (summary.json); it is kept as it is. "
                        "Choose another --out, or delete that folder yourself to run again")
@@ -468,34 +513,54 @@ def run_study(
     A non-finite training loss ends the run with ``status: "diverged"``; the last good
     checkpoint stays. The run holds the directory's lock (``run_dir_lock``) throughout: a
     second run into it fails at once with ``RunDirBusy``.
+
+    Inside an initialized process group of several processes every rank calls this with the
+    same arguments (checked first) and trains its shard (see the module docstring); the
+    batch size must split evenly over the ranks. Rank 0 returns the summary it writes, the
+    others the same summary unwritten.
     """
     out = Path(out)
-    dev = pick_device(device)
-    torch.manual_seed(config.seed)
-    model = config.build_model()  # bad norm options fail here, before anything is written
-    if resume and not out.is_dir():
-        raise RunError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; start a new run without --resume")
-    with run_dir_lock(out, create=not resume):
-        return _train_locked(config, out, dev, model, data_dir, wandb_mode, resume, download, echo,
-                           group, data, stop_after, name, wandb_config)
+    world = distributed.world_size()
+    # first, before any rank can fail alone: every rank must be here with the same settings
+    distributed.check_same({**dataclasses.asdict(config), "resume": resume, "out": str(out)})
+    if world > 1:
+        distributed.check_batch_size(config.batch_size, world)
+    main = distributed.rank() == 0
+    echo = echo if main else (lambda text: None)
+    with contextlib.ExitStack() as held:
+        with distributed.all_or_none():
+            dev = distributed.rank_device(pick_device(device))
+            torch.manual_seed(config.seed)
+            model = config.build_model()  # bad norm options fail here, before anything is written
+            if resume and not out.is_dir():
+                raise RunError(f"--resume: no checkpoint at {out / 'checkpoint.pt'}; start a new run without --resume")
+            if main:
+                held.enter_context(run_dir_lock(out, create=not resume))
+            ckpt = _prepare_dir(out, config, resume, main)
+            if dev.type == "cpu":
+                torch.set_flush_denormal(True)  # subnormal sigmoid outputs slow CPU steps a lot
+            data = data or load_fashion_mnist(data_dir, dev, download, config.limit_train, config.limit_test)
+            if world > 1:
+                distributed.check_last_batch(_train_size(len(data.train_x), config.batch_size),
+                                             config.batch_size, world)
+        distributed.check_same({"training images": len(data.train_x), "test images": len(data.test_x)})
+        return _train(config, out, dev, model, ckpt, data, wandb_mode, echo, group, stop_after, name,
+                      wandb_config)
 
 
-def _train_locked(config, out, dev, model, data_dir, wandb_mode, resume, download, echo, group, data,
-                stop_after, name, wandb_config) -> dict[str, Any]:
-    ckpt = _prepare_dir(out, config, resume)
-    if dev.type == "cpu":
-        torch.set_flush_denormal(True)  # subnormal sigmoid outputs slow CPU steps a lot
-    data = data or load_fashion_mnist(data_dir, dev, download, config.limit_train, config.limit_test)
+def _train(config, out, dev, net, ckpt, data, wandb_mode, echo, group, stop_after, name,
+           wandb_config) -> dict[str, Any]:
+    main = distributed.rank() == 0
     data.train_x, data.train_y = data.train_x.to(dev), data.train_y.to(dev)
     data.test_x, data.test_y = data.test_x.to(dev), data.test_y.to(dev)
 
-    model = model.to(dev)
-    optimizer = _optimizer(config, model.parameters())
+    net = net.to(dev)
+    optimizer = _optimizer(config, net.parameters())
     start_epoch, elapsed, run_id = 0, 0.0, None
     metrics_path = out / "metrics.jsonl"
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
+            net.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise RunError(f"--resume: the checkpoint in {out} does not fit this model ({exc})") from exc
@@ -505,45 +570,37 @@ def _train_locked(config, out, dev, model, data_dir, wandb_mode, resume, downloa
         start_epoch, elapsed, run_id = ckpt["epoch"], ckpt["elapsed"], ckpt.get("wandb_run_id") or None
         if wandb_mode is None and ckpt.get("wandb_mode"):  # keep the run's mode unless told otherwise
             wandb_mode = ckpt["wandb_mode"]
-        lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [l for l in lines if _epoch_of(l) is not None and _epoch_of(l) <= start_epoch]
-        _atomic_write(metrics_path, lambda p: p.write_text("".join(l + "\n" for l in kept)))
+        if main:
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            kept = [l for l in lines if _epoch_of(l) is not None and _epoch_of(l) <= start_epoch]
+            _atomic_write(metrics_path, lambda p: p.write_text("".join(l + "\n" for l in kept)))
         echo(f"resuming {out} after epoch {start_epoch}")
+    model = distributed.wrap(net, dev)  # what trains: DDP over the ranks, else the net itself
 
     name = name or f"{config.norm}-s{config.seed}"
-    logged = {**dataclasses.asdict(config), "device": str(dev), **(wandb_config or {})}
-    tracker = WandbLogger(wandb_mode, out, logged, name=name, group=group, run_id=run_id, echo=echo)
-    stats = ActivationStats(model.norms())
-    n_params = sum(p.numel() for p in model.parameters())
+    world = distributed.world_size()
+    logged = {**dataclasses.asdict(config), "device": str(dev), "processes": world, **(wandb_config or {})}
+    tracker = WandbLogger(wandb_mode if main else "disabled", out, logged, name=name, group=group,
+                          run_id=run_id, echo=echo)
+    stats = ActivationStats(net.norms())
+    n_params = sum(p.numel() for p in net.parameters())
     n_data = len(data.train_x)
-    # a last batch of one is dropped: a different example sits out each epoch
-    n_train = n_data - 1 if n_data % config.batch_size == 1 and n_data > 1 else n_data
+    n_train = _train_size(n_data, config.batch_size)
     steps = math.ceil(n_train / config.batch_size)
+    on = f"device {dev}" if world == 1 else f"{world} processes on {dev.type}"
     echo(f"{name}: {n_params} parameters, {n_train} training "
-         f"images from {data.source}, device {dev}, {config.epochs} epochs")
+         f"images from {data.source}, {on}, {config.epochs} epochs")
     echo(f"{'epoch':>5} {'loss':>7} {'train':>6} {'t_loss':>7} {'test':>6} {'img/s':>8} {'sec':>6}  norm output mean/std")
     status, record = "finished", {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
         model.train()
+        distributed.reseed(config.seed, epoch)
         gen = torch.Generator(device=dev).manual_seed(config.seed * 1_000_003 + epoch)
         order = torch.randperm(n_data, device=dev, generator=gen)[:n_train]
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev)
-        with _progress(steps, f"epoch {epoch}") as bar:
-            for step in range(steps):
-                idx = order[step * config.batch_size : (step + 1) * config.batch_size]
-                x, y = data.train_x[idx], data.train_y[idx]
-                stats.step = step
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(idx)
-                correct += (logits.detach().argmax(1) == y).sum()
-                bar.update(1)
-        train_loss = loss_sum.item() / n_train
+        loss_sum, correct = _train_epoch(model, optimizer, data, order, config.batch_size, stats,
+                                         f"epoch {epoch}")
+        train_loss = loss_sum / n_train
         train_time = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             status = "diverged"
@@ -552,29 +609,31 @@ def _train_locked(config, out, dev, model, data_dir, wandb_mode, resume, downloa
                  "and another --out")
             break
         batches = min(config.precise_stats, steps)
-        precise_statistics(model, (data.train_x[order[i * config.batch_size : (i + 1) * config.batch_size]]
-                                   for i in range(batches)))
-        test_loss, test_acc = _evaluate(model, data.test_x, data.test_y)
+        rows = (distributed.shard(order[i * config.batch_size : (i + 1) * config.batch_size])
+                for i in range(batches))
+        precise_statistics(net, (data.train_x[r] for r in rows))
+        test_loss, test_acc = _evaluate(net, data.test_x, data.test_y)
         wall = time.perf_counter() - t0
         elapsed += wall
         record = {
-            "epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n_train,
+            "epoch": epoch, "train_loss": train_loss, "train_acc": correct / n_train,
             "test_loss": test_loss, "test_acc": test_acc, "images_per_sec": n_train / train_time,
             "epoch_time": wall, "elapsed": elapsed, **stats.epoch_summary(),
         }
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
-            "config": dataclasses.asdict(config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-            "elapsed": elapsed, "wandb_run_id": tracker.run_id or "", "wandb_mode": tracker.mode,
-        }
-        _atomic_write(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
+        if main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            checkpoint = {
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch,
+                "config": dataclasses.asdict(config), "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                "elapsed": elapsed, "wandb_run_id": tracker.run_id or "", "wandb_mode": tracker.mode,
+            }
+            _atomic_write(out / "checkpoint.pt", lambda p: torch.save(checkpoint, p))
         tracker.log(record, step=epoch)
         acts = " ".join(f"{record[f'act/{s}/mean']:+.2f}/{record[f'act/{s}/std']:.2f}"
-                        for s in model.norm_sites if f"act/{s}/mean" in record)
+                        for s in net.norm_sites if f"act/{s}/mean" in record)
         echo(f"{epoch:>5} {train_loss:7.4f} {record['train_acc']:6.3f} {test_loss:7.4f} "
              f"{test_acc:6.3f} {record['images_per_sec']:8.0f} {wall:6.1f}  {acts}")
         if stop_after is not None and epoch >= stop_after:
@@ -588,9 +647,10 @@ def _train_locked(config, out, dev, model, data_dir, wandb_mode, resume, downloa
         "train_loss": record.get("train_loss"), "test_loss": record.get("test_loss"),
         "images_per_sec": record.get("images_per_sec"), "elapsed": elapsed,
         "device": str(dev), "data_source": data.source, "parameters": n_params,
-        "torch": torch.__version__, "config": dataclasses.asdict(config),
+        "torch": torch.__version__, "processes": world, "config": dataclasses.asdict(config),
     }
-    _write_json(out / "summary.json", summary)
+    if main:
+        _write_json(out / "summary.json", summary)
     tracker.finish({k: v for k, v in summary.items() if k != "config"})
     echo(f"{status}: test_acc {summary['test_acc']}, summary in {out / 'summary.json'}")
     return summary

@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   quiet_pip .venv/bin/python -m pip install -q --disable-pip-version-check \
     -c scripts/constraints.txt torch torchvision
   quiet_pip .venv/bin/python -m pip install -q --disable-pip-version-check \
-    -c scripts/constraints.txt -e '.[test,bench,report]'
+    -c scripts/constraints.txt -e '.[test,bench,report,ray,slurm]'
   echo "setup: building the PIT CPU kernel (C++, about a minute; PITNorm falls back to torch ops without it)"
   .venv/bin/python -c "from exoticnorm.kernels import pit_cpu; pit_cpu()" || true
   echo "$want" > "$stamp"
