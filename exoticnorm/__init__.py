@@ -4,6 +4,7 @@ from . import functional, whitening
 from .base import InputError, Norm, RunningStatsNorm
 from .batchnorm import BatchNorm, BatchNormMean, BatchNormVar, FrozenAffineBatchNorm
 from .fold import fold_norms
+from .group_whitening import GroupWhitening
 from .groupnorm import GroupNorm, InstanceNorm, LayerNorm
 from .identity import NoNorm
 from .registry import (
@@ -19,6 +20,8 @@ from .norms import BUILTIN_NORMS
 from .pit import PITNorm
 from .running_batchnorm import RunningBatchNorm
 from .sketch import QuantileSketch
+from .structured import CirculantZCANorm, MonarchZCANorm
+from .switchable import SwitchableWhitening
 from .zca import BlockZCANorm, SparseZCANorm, ZCANorm
 
 __version__ = "0.1.0"
@@ -44,6 +47,10 @@ __all__ = [
     "ZCANorm",
     "BlockZCANorm",
     "SparseZCANorm",
+    "MonarchZCANorm",
+    "CirculantZCANorm",
+    "GroupWhitening",
+    "SwitchableWhitening",
     "NormConfigError",
     "register_norm",
     "available_norms",

@@ -1,7 +1,9 @@
 """Fold eval-mode norms into the conv/linear layer before them, for inference.
 
 A norm whose eval transform is affine, y = A x + b on each (C,) vector (``eval_affine()``: bn
-and its variants, running-bn, the ZCA family), directly after a Conv1d/2d/3d or Linear that
+and its variants, running-bn, the ZCA family with any ``transform``, monarch-zca,
+circulant-zca, and switchable-whitening when all its components are batch ones; the others
+raise a ValueError that says why), directly after a Conv1d/2d/3d or Linear that
 feeds nothing else, is folded into it: W' = A W (over output channels), b' = A b_layer + b, and
 the norm becomes ``nn.Identity``. A dense A (whitening) needs an ungrouped layer; a diagonal
 one folds into grouped and depthwise convs too.
@@ -95,7 +97,8 @@ def fold_norms(model: nn.Module) -> tuple[nn.Module, list[tuple[str, str]]]:
     conv/linear layer before it (the norm replaced by ``nn.Identity``), and the norms left in
     place as (name, reason). Outputs equal the unfolded eval model's up to rounding.
 
-    Left in place: norms without an affine eval map (PIT, gn/ln/in, which are per-sample),
+    Left in place: norms without an affine eval map (PIT, gn/ln/in and group-whitening, which
+    are per-sample, switchable-whitening with per-sample components),
     norms without running statistics, norms not directly after a conv/linear layer (after an
     activation, say), a layer whose output also feeds something else, and a dense whitening
     map after a grouped conv.

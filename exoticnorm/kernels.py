@@ -1,7 +1,8 @@
 """Fused CPU kernels (C++, compiled on first use with torch's cpp_extension, cached after).
 
-``pit_cpu()`` returns the compiled module, or None when no compiler is available (PITNorm
-then runs its pure-torch path; a warning says so once). ``EXOTICNORM_NO_KERNELS=1`` turns
+``pit_cpu()`` (PITNorm's training transform) and ``whiten_cpu()`` (batch whitening's
+big-tensor passes) return the compiled module, or None when no compiler is available (the
+norm then runs its pure-torch path; a warning says so once). ``EXOTICNORM_NO_KERNELS=1`` turns
 the kernels off. The build goes to torch's extension cache ($TORCH_EXTENSIONS_DIR, else
 ~/.cache/torch_extensions): the first use takes about a minute, later ones a second.
 
@@ -12,7 +13,7 @@ branch-free selects into vector code.
 The instruction set is part of the build's name, so machines of different kinds that share a
 home directory (a cluster) each get their own build, never one their CPU cannot run. So is a
 short hash of the C++ source, the compiler flags, torch's version and the Python ABI
-(``extension_name()``, e.g. ``exoticnorm_pit_cpu_avx2_1a2b3c4d5e``): two installs with the same
+(``extension_name("pit_cpu")``, e.g. ``exoticnorm_pit_cpu_avx2_1a2b3c4d5e``): two installs with the same
 source and torch share one build, and installs that differ never rebuild over each other's.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["pit_cpu", "extension_name"]
+__all__ = ["pit_cpu", "whiten_cpu", "extension_name"]
 
 _CSRC = Path(__file__).parent / "csrc"
 _cache: dict[str, object] = {}
@@ -48,35 +49,46 @@ def _build_flags() -> tuple[list[str], list[str]]:
     return ["-O3", "-fno-trapping-math", "-fopenmp", *isa_flags], ["-fopenmp"]
 
 
-def extension_name() -> str:
-    """The build's name in torch's extension cache: ``exoticnorm_pit_cpu_<isa>_<hash>``, the hash
-    (10 hex digits) over the C++ source text, the flags, torch's version and the Python ABI."""
+def extension_name(source: str = "pit_cpu") -> str:
+    """The build's name in torch's extension cache: ``exoticnorm_<source>_<isa>_<hash>``, the
+    hash (10 hex digits) over the C++ source text, the flags, torch's version and the Python ABI."""
     isa, _ = _instruction_set()
     cflags, ldflags = _build_flags()
     digest = hashlib.sha256()
-    for part in ((_CSRC / "pit_cpu.cpp").read_bytes(), b"|", " ".join(cflags).encode(), b"|",
+    for part in ((_CSRC / f"{source}.cpp").read_bytes(), b"|", " ".join(cflags).encode(), b"|",
                  " ".join(ldflags).encode(), b"|", torch.__version__.encode(), b"|",
                  sys.implementation.cache_tag.encode()):
         digest.update(part)
-    return f"exoticnorm_pit_cpu_{isa}_{digest.hexdigest()[:10]}"
+    return f"exoticnorm_{source}_{isa}_{digest.hexdigest()[:10]}"
 
 
-def pit_cpu():
+def _load(source: str, what: str):
+    """The compiled ``csrc/<source>.cpp``, or None (with one warning) when it cannot be built."""
     if os.environ.get("EXOTICNORM_NO_KERNELS") == "1":
         return None
-    if "pit" not in _cache:
+    if source not in _cache:
         try:
             # importing cpp_extension warns about CUDA_HOME on machines without a GPU: not our case
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             from torch.utils.cpp_extension import load
 
             cflags, ldflags = _build_flags()
-            _cache["pit"] = load(
-                name=extension_name(), sources=[str(_CSRC / "pit_cpu.cpp")],
+            _cache[source] = load(
+                name=extension_name(source), sources=[str(_CSRC / f"{source}.cpp")],
                 extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure falls back to torch ops
-            warnings.warn(f"exoticnorm: could not build the PIT CPU kernel ({type(exc).__name__}: "
-                          f"{str(exc)[:200]}); PITNorm uses its slower pure-torch path. Install a C++ "
+            warnings.warn(f"exoticnorm: could not build the {what} CPU kernel ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); the norm uses its slower pure-torch path. Install a C++ "
                           "compiler (g++) and ninja to get the fused kernel.", RuntimeWarning, stacklevel=3)
-            _cache["pit"] = None
-    return _cache["pit"]
+            _cache[source] = None
+    return _cache[source]
+
+
+def pit_cpu():
+    """PITNorm's fused training transform (``csrc/pit_cpu.cpp``), or None."""
+    return _load("pit_cpu", "PIT")
+
+
+def whiten_cpu():
+    """Batch whitening's big-tensor passes (``csrc/whiten_cpu.cpp``), or None."""
+    return _load("whiten_cpu", "whitening")

@@ -13,6 +13,9 @@ from .identity import NoNorm
 from .pit import PITNorm
 from .registry import register_norm
 from .running_batchnorm import RunningBatchNorm
+from .group_whitening import GroupWhitening
+from .structured import CirculantZCANorm, MonarchZCANorm
+from .switchable import SwitchableWhitening
 from .zca import BlockZCANorm, SparseZCANorm, ZCANorm
 
 BUILTIN_NORMS = (
@@ -29,6 +32,10 @@ BUILTIN_NORMS = (
     ("zca", ZCANorm),
     ("block-zca", BlockZCANorm),
     ("sparse-zca", SparseZCANorm),
+    ("monarch-zca", MonarchZCANorm),
+    ("circulant-zca", CirculantZCANorm),
+    ("group-whitening", GroupWhitening),
+    ("switchable-whitening", SwitchableWhitening),
 )
 
 for _name, _cls in BUILTIN_NORMS:

@@ -2,8 +2,22 @@
 
 Channels are split into G groups of c (the last one zero-padded) and viewed as
 (B, G, c, S) with the samples of each group on axes B and S (``group_view``), so every
-covariance here has shape (G, c, c) and every whitening matrix W ≈ Σ^(-1/2) too. Statistics of float16/bfloat16
-input are computed in float32.
+covariance here has shape (G, c, c) and every whitening matrix W too. Statistics of
+float16/bfloat16 input are computed in float32.
+
+A whitening matrix is any W with W Σ Wᵀ = I; they differ by a rotation (W' = Q W, Q orthogonal).
+``transform`` picks one (Kessy, Lewin & Strimmer, "Optimal whitening and decorrelation", 2018):
+
+- "zca": W = Σ^(-1/2), the symmetric one, closest to the identity (least change to x);
+- "cholesky": W = L⁻¹ with Σ = L Lᵀ (lower triangular), so output i depends on inputs 1…i
+  only (W-MSE, Ermolov et al. 2021; "CD" whitening in Huang et al.'s batch-whitening study);
+- "pca": W = Λ^(-1/2) Uᵀ with Σ = U Λ Uᵀ, outputs along the principal axes (DBN's other mode).
+  U is only defined up to the sign of each column and, where eigenvalues repeat, a rotation
+  within their eigenspace; here the eigenvalues are in descending order and each eigenvector's
+  largest-magnitude entry is made positive (the first such entry on a tie), which fixes the
+  signs from one step to the next while the spectrum stays separated. Where eigenvalues cross,
+  output channels swap; where they coincide (a rank-deficient batch after shrinkage, say) the
+  map is not differentiable and its backward leaves the rotation inside the eigenspace out.
 """
 
 from __future__ import annotations
@@ -32,17 +46,23 @@ __all__ = [
     "grouped_vector",
     "apply_map",
     "whiten_batch",
+    "small_map_grads",
     "regularize",
     "ledoit_wolf_intensity",
     "inv_sqrt_eigh",
     "inv_sqrt_newton",
     "inverse_sqrt",
+    "inv_cholesky",
+    "pca_whitening",
+    "whiten_by",
     "sparsify",
     "threshold_covariance",
     "METHODS",
+    "TRANSFORMS",
 ]
 
 METHODS = ("eigh", "newton", "auto")
+TRANSFORMS = ("zca", "cholesky", "pca")
 
 
 def group_view(x: Tensor, group_size: int) -> Tensor:
@@ -100,8 +120,8 @@ def group_moments(xv: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
 class WhiteningSpec:
     """How a covariance becomes a whitening matrix: ridge ``eps``; ``shrinkage`` "auto" (Ledoit–
     Wolf below 4c samples per group), "lw" (always) or a fixed fraction; sparsification to
-    ``density`` of W ("whitening") or of the correlations ("covariance"); Σ^(-1/2) by
-    ``method`` with ``iterations`` Newton–Schulz steps."""
+    ``density`` of W ("whitening") or of the correlations ("covariance"); W by ``transform``
+    ("zca": Σ^(-1/2) by ``method`` with ``iterations`` Newton–Schulz steps; "cholesky"; "pca")."""
 
     eps: float = 1e-5
     shrinkage: str | float = "auto"
@@ -109,24 +129,27 @@ class WhiteningSpec:
     sparsify: str = "whitening"
     method: str = "auto"
     iterations: int = 5
+    transform: str = "zca"
 
 
-def shrinkage_intensity(cov: Tensor, xc: Tensor, spec: WhiteningSpec, count: float | None = None) -> Tensor | float:
-    """ρ for a batch (no gradient): Ledoit–Wolf's when ``spec.shrinkage`` is "lw", or "auto" with
-    fewer than 4c samples (``count``, default the samples of ``xc``); else the fixed fraction
-    (0 for "auto")."""
+def shrinkage_intensity(cov: Tensor, xc: Tensor, spec: WhiteningSpec, count: float | None = None,
+                        differentiable: bool = False) -> Tensor | float:
+    """ρ for a batch: Ledoit–Wolf's when ``spec.shrinkage`` is "lw", or "auto" with fewer than
+    4c samples (``count``, default the samples of ``xc``); else the fixed fraction (0 for
+    "auto"). Without gradient unless ``differentiable``."""
     count = sample_count(xc) if count is None else count
     if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * cov.shape[-1]):
-        return ledoit_wolf_intensity(xc, cov)
+        return ledoit_wolf_intensity(xc, cov, differentiable)
     return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
 
 
 def whitening_matrix(cov: Tensor, rho: Tensor | float, spec: WhiteningSpec) -> Tensor:
-    """W ≈ Σ_reg^(-1/2) (G, c, c) after shrinkage ρ, the ridge and sparsification."""
+    """W (G, c, c) with W Σ_reg Wᵀ = I by ``spec.transform`` (Σ_reg^(-1/2) for zca) after
+    shrinkage ρ, the ridge and sparsification."""
     cov = regularize(cov, spec.eps, rho)
     if spec.density < 1.0 and spec.sparsify == "covariance":
         cov = threshold_covariance(cov, spec.density, spec.eps)
-    w = inverse_sqrt(cov, spec.method, spec.iterations)
+    w = whiten_by(cov, spec.transform, spec.method, spec.iterations)
     if spec.density < 1.0 and spec.sparsify == "whitening":
         w = sparsify(w, cov, spec.density)
     return w
@@ -158,7 +181,8 @@ def apply_map(a: Tensor, b: Tensor, xv: Tensor, shape: torch.Size) -> Tensor:
     autograd it is written straight into a new tensor (no view, so the custom Function's output
     may be modified in place)."""
     tracked = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or xv.requires_grad)
-    if not tracked and len(shape) > 2 and shape[1] == xv.shape[1] * xv.shape[2]:  # no padding
+    vmapped = torch._C._functorch.is_batchedtensor(xv)  # vmap has no batching rule for bmm(out=)
+    if not tracked and not vmapped and len(shape) > 2 and shape[1] == xv.shape[1] * xv.shape[2]:  # no padding
         y = xv.new_empty(shape)
         yv = group_view(y, xv.shape[2])
         bsz, g, c, s = xv.shape
@@ -218,16 +242,12 @@ class WhitenBatch(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: Tensor):
         (xc,) = ctx.saved_tensors
-        leaf, params, a, b = ctx.graph
+        a = ctx.graph[2]
         grad = group_view(grad.to(xc.dtype), xc.shape[2])
         m = sample_count(xc)
         grad_b = grad.sum((0, 3))
         grad_a = torch.matmul(grad, xc.mT).sum(0)
-        wanted = [leaf] + [p for p in params if p is not None and p.requires_grad]
-        found = iter(torch.autograd.grad((a, b), wanted, (grad_a, grad_b), allow_unused=True,
-                                         retain_graph=True))  # small; lets callers backward twice
-        grad_cov = next(found)
-        grad_params = [next(found) if p is not None and p.requires_grad else None for p in params]
+        grad_cov, grad_params = small_map_grads(ctx.graph, grad_a, grad_b)
         at = a.detach().mT
         grad_x = block_matmul(at, grad).sub_((at @ grad_b.unsqueeze(-1)) / m)
         if grad_cov is not None:
@@ -237,23 +257,41 @@ class WhitenBatch(torch.autograd.Function):
         return ungroup(grad_x, ctx.shape), *grad_params, None, None
 
 
+def small_map_grads(graph: tuple, grad_a: Tensor, grad_b: Tensor) -> tuple[Tensor | None, list]:
+    """Backward through the small map (Σ, γ, β) → (A, b) that a batch-whitening forward recorded
+    as ``graph`` = (Σ leaf, [γ, β] leaves or None, A, b): dL/dΣ and [dL/dγ, dL/dβ] (None where
+    not wanted) from dL/dA and dL/db. The graph is kept, so callers may backward twice."""
+    leaf, params, a, b = graph
+    wanted = [leaf] + [p for p in params if p is not None and p.requires_grad]
+    outs = [(t, g) for t, g in ((a, grad_a), (b, grad_b)) if t.requires_grad]  # b is a constant without β
+    found = iter(torch.autograd.grad([t for t, _ in outs], wanted, [g for _, g in outs],
+                                     allow_unused=True, retain_graph=True))
+    grad_cov = next(found)
+    return grad_cov, [next(found) if p is not None and p.requires_grad else None for p in params]
+
+
 def whiten_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int,
                  spec: WhiteningSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Whiten x (N, C, *s) with its own statistics, per group of ``group_size`` channels:
     returns y (a new tensor shaped like x) and, without gradient, the mean (G, c), the biased
-    covariance (G, c, c), W (G, c, c) and the shrinkage ρ (G,)."""
-    y, mean, cov, w, rho, _, _ = WhitenBatch.apply(x, weight, bias, group_size, spec)
+    covariance (G, c, c), W (G, c, c) and the shrinkage ρ (G,). On the CPU the big-tensor
+    passes run fused in C++ where ``whitening_kernel.supported`` says so."""
+    from . import whitening_kernel  # imports this module
+
+    fn = whitening_kernel.FusedWhitenBatch if whitening_kernel.supported(x, group_size, spec) else WhitenBatch
+    y, mean, cov, w, rho, _, _ = fn.apply(x, weight, bias, group_size, spec)
     return y, mean, cov, w, rho
 
 
-def ledoit_wolf_intensity(xc: Tensor, cov: Tensor) -> Tensor:
+def ledoit_wolf_intensity(xc: Tensor, cov: Tensor, differentiable: bool = False) -> Tensor:
     """Ledoit–Wolf (2004) shrinkage intensity ρ ∈ [0, 1] toward m·I, m = tr(Σ)/c, per group.
 
     ρ = min(1, b² / d²), b² = (1/M²) Σ_k ‖x_k x_kᵀ − Σ‖²_F, d² = ‖Σ − m I‖²_F, for the centred
     samples x_k of ``xc`` (B, G, c, S); uses Σ_k ‖x_k x_kᵀ − Σ‖²_F = Σ_k ‖x_k‖⁴ − M‖Σ‖²_F.
-    Computed without gradient.
+    Computed without gradient unless ``differentiable`` (then ρ's dependence on the samples is
+    part of the backward).
     """
-    with torch.no_grad():
+    with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
         m_samples = sample_count(xc)
         c = cov.shape[-1]
         m = cov.diagonal(dim1=-2, dim2=-1).mean(-1)
@@ -347,8 +385,7 @@ def inverse_sqrt(cov: Tensor, method: str = "auto", iterations: int = 5) -> Tens
         return inv_sqrt_eigh(cov)
     except torch.linalg.LinAlgError:
         pass
-    scale = cov.diagonal(dim1=-2, dim2=-1).mean().abs().item() or 1.0
-    jitter = 1e-4 * scale * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+    jitter = _jitter(cov)
     try:
         out = inv_sqrt_eigh(cov + jitter)
         warnings.warn("eigh failed on the covariance; whitened with a jitter of 1e-4·mean variance",
@@ -358,6 +395,92 @@ def inverse_sqrt(cov: Tensor, method: str = "auto", iterations: int = 5) -> Tens
         warnings.warn(f"eigh failed twice; whitened with {iterations} Newton–Schulz iterations",
                       RuntimeWarning, stacklevel=3)
         return inv_sqrt_newton(cov + jitter, iterations)
+
+
+def whiten_by(cov: Tensor, transform: str = "zca", method: str = "auto", iterations: int = 5) -> Tensor:
+    """A whitening matrix of (regularized, positive definite) Σ (G, c, c): Σ^(-1/2) ("zca",
+    by ``method``), L⁻¹ ("cholesky") or Λ^(-1/2) Uᵀ ("pca"); see the module docstring."""
+    if transform == "zca":
+        return inverse_sqrt(cov, method, iterations)
+    if transform == "cholesky":
+        return inv_cholesky(cov)
+    if transform == "pca":
+        return pca_whitening(cov)
+    raise ValueError(f"unknown whitening transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
+
+
+def _jitter(cov: Tensor) -> Tensor:
+    scale = cov.diagonal(dim1=-2, dim2=-1).mean().abs().item() or 1.0
+    return 1e-4 * scale * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+
+
+def inv_cholesky(cov: Tensor) -> Tensor:
+    """W = L⁻¹ for Σ = L Lᵀ (L lower triangular): W Σ Wᵀ = L⁻¹ L Lᵀ L⁻ᵀ = I, and W is lower
+    triangular too. A triangular solve against I; autograd differentiates both steps (smooth
+    wherever Σ is positive definite). A failed factorization is retried with a jitter of
+    1e-4·mean variance, with a warning."""
+    try:
+        chol = torch.linalg.cholesky(cov)
+    except torch.linalg.LinAlgError:
+        chol = torch.linalg.cholesky(cov + _jitter(cov))
+        warnings.warn("Cholesky failed on the covariance; whitened with a jitter of 1e-4·mean variance",
+                      RuntimeWarning, stacklevel=3)
+    eye = torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype).expand_as(chol)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
+
+
+def _pca_parts(cov: Tensor) -> tuple[Tensor, Tensor]:
+    """U (columns in descending eigenvalue order, each column's largest-|entry| positive) and
+    s = √λ (λ floored as in ``_eigh_parts``)."""
+    lam, u = torch.linalg.eigh(cov)
+    lam, u = lam.flip(-1), u.flip(-1)
+    pivot = u.abs().argmax(-2, keepdim=True)
+    sign = torch.gather(u, -2, pivot).sign()
+    u = u * torch.where(sign == 0, torch.ones_like(sign), sign)
+    info = torch.finfo(lam.dtype)
+    return u, torch.maximum(lam, lam[..., :1] * info.eps).clamp_min(info.tiny).sqrt()
+
+
+class _PCAWhiten(torch.autograd.Function):
+    """W = diag(1/s) Uᵀ (s = √λ, U as in ``_pca_parts``), with the eigenvector backward:
+
+    dL/dΣ = U [diag(−(Ḡ U)_ii / (2 s_i³)) + F ∘ (Uᵀ H)] Uᵀ (symmetrized), H = Ḡᵀ diag(1/s)
+    (the gradient for U), F_ij = 1/(λj − λi) for i ≠ j. Pairs with |λi − λj| ≤ 64·ε·λ_max
+    (repeated eigenvalues, where U is arbitrary inside the eigenspace) get F_ij = 0: the
+    rotation inside a degenerate eigenspace is left out. Signs and ordering are locally
+    constant, so they add nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, cov: Tensor) -> Tensor:
+        u, s = _pca_parts(cov)
+        ctx.save_for_backward(u, s)
+        return u.mT / s.unsqueeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        refuse_double_backward("the PCA whitening backward is", "use the norm in eval mode")
+        u, s = ctx.saved_tensors
+        lam = s * s
+        gap = lam.unsqueeze(-2) - lam.unsqueeze(-1)  # gap[i, j] = λj − λi
+        tol = 64 * torch.finfo(lam.dtype).eps * lam[..., :1, None]
+        f = torch.where(gap.abs() > tol, 1.0 / torch.where(gap.abs() > tol, gap, torch.ones_like(gap)),
+                        torch.zeros_like(gap))
+        h = grad.mT / s.unsqueeze(-2)
+        inner = f * (u.mT @ h)
+        d_lam = -(grad @ u).diagonal(dim1=-2, dim2=-1) / (2 * s**3)
+        inner = inner + torch.diag_embed(d_lam)
+        out = u @ inner @ u.mT
+        return (out + out.mT) / 2
+
+
+def pca_whitening(cov: Tensor) -> Tensor:
+    """W = Λ^(-1/2) Uᵀ for Σ = U Λ Uᵀ, eigenvalues descending, signs fixed (module docstring);
+    the custom backward only where a gradient is wanted."""
+    if torch.is_grad_enabled() and cov.requires_grad:
+        return _PCAWhiten.apply(cov)
+    u, s = _pca_parts(cov)
+    return u.mT / s.unsqueeze(-1)
 
 
 def _offdiag_mask(scores: Tensor, density: float) -> Tensor:

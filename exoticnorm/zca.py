@@ -1,7 +1,8 @@
 """Whitening norms: ZCA from a full-rank covariance, block-diagonal and sparsified ZCA.
 
 Training: per group of c channels, mean μ and covariance Σ over every dim but C (summed over
-processes inside an initialised process group), W ≈ Σ_reg^(-1/2), y = γ ∘ W (x − μ) + β.
+processes inside an initialised process group), W ≈ Σ_reg^(-1/2) (or, with ``transform``,
+the Cholesky W = L⁻¹ or PCA W = Λ^(-1/2) Uᵀ whitening of Σ_reg), y = γ ∘ W (x − μ) + β.
 Eval: one affine map y = A x + b from the running statistics; the whitening matrix behind it
 is cached until they change.
 
@@ -35,6 +36,30 @@ def _distributed(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def synced_moments(xv: Tensor, shift: Tensor, process_group: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean (G, c), biased covariance (G, c, c) and the global sample count of grouped samples
+    xv (B, G, c, S) over every process: one differentiable all_reduce of [Σ(x − s),
+    Σ(x − s)(x − s)ᵀ, M] for a shift s (G, c) shared by all ranks, so the sums merge exactly
+    and without cancellation, and unequal batches weigh as one concatenated batch."""
+    from torch.distributed.nn.functional import all_reduce
+
+    g, c = xv.shape[1:3]
+    total, scatter = W.group_moments(xv, shift)
+    count = xv.new_full((1,), float(W.sample_count(xv)))
+    packed = all_reduce(torch.cat([total.flatten(), scatter.flatten(), count]), group=process_group)
+    count = packed[-1]
+    mean_s = packed[: g * c].view(g, c) / count
+    cov = packed[g * c : -1].view(g, c, c) / count - mean_s.unsqueeze(-1) * mean_s.unsqueeze(-2)
+    return shift + mean_s, cov, count
+
+
+def ranks_mean(value: Tensor, process_group: Any) -> Tensor:
+    """The mean of ``value`` over the ranks (no gradient; e.g. each rank's shrinkage estimate)."""
+    value = value.detach().clone()
+    dist.all_reduce(value, group=process_group)
+    return value / dist.get_world_size(process_group)
+
+
 class _Whitening(RunningStatsNorm):
     """Shared machinery of the ZCA family (see the module docstring)."""
 
@@ -65,6 +90,7 @@ class _Whitening(RunningStatsNorm):
         process_group: Any,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        transform: str = "zca",
     ) -> None:
         group_size = num_features if group_size is None else group_size
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -82,6 +108,12 @@ class _Whitening(RunningStatsNorm):
             raise ValueError(f"density must be in [0, 1], got {density!r}")
         if sparsify not in ("whitening", "covariance"):
             raise ValueError(f"sparsify must be 'whitening' or 'covariance', got {sparsify!r}")
+        if transform not in W.TRANSFORMS:
+            raise ValueError(f"unknown transform {transform!r}; use one of {', '.join(W.TRANSFORMS)}")
+        if transform != "zca" and method == "newton":
+            raise ValueError(f"method='newton' computes Σ^(-1/2) (transform='zca'); transform="
+                             f"{transform!r} uses an exact decomposition: leave method='auto'")
+        self.transform = transform
         self.method, self.iterations, self.shrinkage = method, iterations, shrinkage
         self.density, self.sparsify = float(density), sparsify
         if eval_from not in EVAL_FROM:
@@ -116,52 +148,50 @@ class _Whitening(RunningStatsNorm):
     @property
     def spec(self) -> W.WhiteningSpec:
         return W.WhiteningSpec(self.eps, self.shrinkage, self.density, self.sparsify, self.method,
-                               self.iterations)
+                               self.iterations, self.transform)
 
     def _grouped(self, v: Tensor | None, fill: float) -> Tensor | None:
         return W.grouped_vector(v, self._group_size, fill)
 
-    def _synced_batch(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
-        """Whiten with the statistics of every process (plain autograd through one all_reduce of
-        [Σ(x − s), Σ(x − s)(x − s)ᵀ, M], s = the running mean shared by all ranks, so the sums
-        merge exactly and without cancellation). ρ is the ranks' mean estimate (an
-        approximation of the pooled one). Returns y, mean, cov, W, ρ and the global count."""
-        from torch.distributed.nn.functional import all_reduce
-
-        xv = W.group_view(x, self._group_size)
-        g, c = xv.shape[1:3]
-        if self.track_running_stats:
-            shift = self._grouped(self.running_mean, 0.0).to(xv.dtype)
-        else:
-            shift = xv.new_zeros(g, c)
-        total, scatter = W.group_moments(xv, shift)
-        count = xv.new_full((1,), float(W.sample_count(xv)))
-        packed = all_reduce(torch.cat([total.flatten(), scatter.flatten(), count]),
-                            group=self.process_group)
-        count = packed[-1]
-        mean_s = packed[: g * c].view(g, c) / count
-        cov = packed[g * c : -1].view(g, c, c) / count - mean_s.unsqueeze(-1) * mean_s.unsqueeze(-2)
-        mean = shift + mean_s
+    def _synced_stage(self, x: Tensor, group_size: int, weight: Tensor | None, bias: Tensor | None,
+                      shift: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+        """Whiten with the statistics of every process (plain autograd through one all_reduce,
+        ``synced_moments``, s = ``shift`` (G, c), the same on all ranks). ρ is the ranks' mean
+        estimate (an approximation of the pooled one). Returns y, mean, cov, W, ρ and the
+        global count."""
+        xv = W.group_view(x, group_size)
+        g = xv.shape[1]
+        mean, cov, count = synced_moments(xv, shift.to(xv.dtype), self.process_group)
         xc = xv - mean.unsqueeze(-1)
         spec = self.spec
         rho = W.shrinkage_intensity(cov.detach(), xc.detach(), spec, float(count))
-        rho = torch.as_tensor(rho, dtype=cov.dtype, device=cov.device).expand(g).clone()
-        dist.all_reduce(rho, group=self.process_group)
-        rho /= dist.get_world_size(self.process_group)
+        rho = ranks_mean(torch.as_tensor(rho, dtype=cov.dtype, device=cov.device).expand(g), self.process_group)
         w = W.whitening_matrix(cov, rho, spec)
-        a, b = W.affine_map(w, None, self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0))
+        a, b = W.affine_map(w, None, W.grouped_vector(weight, group_size, 1.0),
+                            W.grouped_vector(bias, group_size, 0.0))
         y = W.ungroup(W.block_matmul(a, xc).add(b.unsqueeze(-1)), x.shape)
         return y, mean.detach(), cov.detach(), w.detach(), rho, float(count)
 
+    def _stage(self, x: Tensor, group_size: int, weight: Tensor | None, bias: Tensor | None,
+               shift: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+        """One block-whitening stage with batch statistics: y = γ ∘ W (x − μ) + β per group of
+        ``group_size`` channels, synced across processes when in a process group (``shift``
+        (G, c) shared by the ranks, None = 0). Returns y, mean, cov, W, ρ, count."""
+        if _distributed(self.process_group):
+            if shift is None:
+                shift = x.new_zeros(math.ceil(x.shape[1] / group_size), group_size)
+            return self._synced_stage(x, group_size, weight, bias, shift)
+        y, mean, cov, w, rho = W.whiten_batch(x, weight, bias, group_size, self.spec)
+        return y, mean, cov, w, rho, float(EF.values_per_channel(x))
+
+    def _cast_affine(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        return tuple(None if p is None else p.to(x.dtype) for p in (self.weight, self.bias))
+
     @torch.compiler.disable  # a custom Function with a small autograd graph inside: eager only
     def _train_forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.to(x.dtype)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if _distributed(self.process_group):
-            y, mean, cov, w, rho, count = self._synced_batch(x)
-        else:
-            y, mean, cov, w, rho = W.whiten_batch(x, weight, bias, self._group_size, self.spec)
-            count = float(EF.values_per_channel(x))
+        weight, bias = self._cast_affine(x)
+        shift = self._grouped(self.running_mean, 0.0) if self.track_running_stats else None
+        y, mean, cov, w, rho, count = self._stage(x, self._group_size, weight, bias, shift)
         factor = self.update_factor()
         if self.training and self.track_running_stats:
             unbiased = cov * (count / (count - 1))  # count >= 2, checked before
@@ -177,31 +207,41 @@ class _Whitening(RunningStatsNorm):
             xs = x.to(dtype)
             if self.uses_batch_stats:
                 return self._train_forward(xs).to(x.dtype)
-            w, mean = self._eval_map(dtype)
-            a, b = W.affine_map(w, mean, self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0))
-            return W.apply_map(a, b, W.group_view(xs, self._group_size), x.shape).to(x.dtype)
+            return self._eval_forward(xs).to(x.dtype)
 
-    def _eval_map(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(W, mean) from the running statistics, cached while the very same buffers (identity
-        and in-place version) and settings stay; recomputed under torch.compile, for inference
+    def _eval_forward(self, xs: Tensor) -> Tensor:
+        w, mean = self._eval_map(xs.dtype)
+        a, b = W.affine_map(w, mean, self._grouped(self.weight, 1.0), self._grouped(self.bias, 0.0))
+        return W.apply_map(a, b, W.group_view(xs, self._group_size), xs.shape)
+
+    def _cached(self, buffers: tuple[Tensor, ...], dtype: torch.dtype, compute):
+        """``compute()`` (under no_grad), cached while the very same ``buffers`` (identity and
+        in-place version) and settings stay; recomputed under torch.compile, for inference
         tensors and after any swap (load_state_dict(assign=True), functional_call, .to())."""
-        buffers = (self.running_mean, self.running_cov, self.running_shrinkage, self.running_whitening)
         cacheable = not torch.compiler.is_compiling() and not any(t.is_inference() for t in buffers)
         key = None
         if cacheable:
             key = (tuple(t._version for t in buffers), self.spec, self.eval_from, dtype)
             cached = self._eval_cache
             if cached is not None and cached[0] == key and all(a is b for a, b in zip(cached[1], buffers)):
-                return cached[2], cached[3]
+                return cached[2]
         with torch.no_grad():
+            value = compute()
+        if cacheable:
+            self._eval_cache = (key, buffers, value)
+        return value
+
+    def _eval_map(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(W, mean) from the running statistics, cached (``_cached``)."""
+        def compute():
             if self.eval_from == "whitening":
                 w = self.running_whitening.to(dtype)
             else:
                 w = W.whitening_matrix(self.running_cov.to(dtype), self.running_shrinkage.to(dtype), self.spec)
-            mean = self._grouped(self.running_mean, 0.0).to(dtype)
-        if cacheable:
-            self._eval_cache = (key, buffers, w, mean)
-        return w, mean
+            return w, self._grouped(self.running_mean, 0.0).to(dtype)
+
+        buffers = (self.running_mean, self.running_cov, self.running_shrinkage, self.running_whitening)
+        return self._cached(buffers, dtype, compute)
 
     def eval_affine(self) -> tuple[Tensor, Tensor]:
         """The eval transform as one affine map y = A x + b on (C,) vectors: (A (C, C), b (C,))."""
@@ -214,8 +254,11 @@ class _Whitening(RunningStatsNorm):
         return torch.block_diag(*a)[:c, :c], b.flatten()[:c]
 
     def _extra_fields(self) -> dict[str, Any]:
-        return {**super()._extra_fields(), "method": self.method, "shrinkage": self.shrinkage,
-                "eval_from": self.eval_from}
+        fields = {**super()._extra_fields(), "method": self.method, "shrinkage": self.shrinkage,
+                  "eval_from": self.eval_from}
+        if self.transform != "zca":
+            fields["transform"] = self.transform
+        return fields
 
 
 _COMMON_DOC = """
@@ -226,7 +269,9 @@ _COMMON_DOC = """
     "lw", or when "auto" and a group sees fewer than 4c samples, else a fixed fraction;
     eval_from "covariance" (whiten with the running covariance) or "whitening" (the running
     average of the batch whitening matrices, as DBN and IterNorm do; both are kept, so this can
-    be switched after training); process_group for synced statistics.
+    be switched after training); process_group for synced statistics; transform "zca"
+    (W = Σ^(-1/2)), "cholesky" (W = L⁻¹, Σ = L Lᵀ) or "pca" (W = Λ^(-1/2) Uᵀ, eigenvalues
+    descending, each eigenvector's largest-|entry| positive; see ``exoticnorm.whitening``).
 """
 
 
@@ -237,10 +282,10 @@ class ZCANorm(_Whitening):
                  affine: bool = True, track_running_stats: bool = True, method: str = "auto",
                  iterations: int = 5, shrinkage: str | float = "auto",
                  eval_from: str = "covariance", process_group: Any = None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, transform: str = "zca") -> None:
         super().__init__(num_features, None, 1.0, "whitening", eps, momentum, affine,
                          track_running_stats, method, iterations, shrinkage, eval_from,
-                         process_group, device, dtype)
+                         process_group, device, dtype, transform)
 
 
 class BlockZCANorm(_Whitening):
@@ -254,10 +299,10 @@ class BlockZCANorm(_Whitening):
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, method: str = "auto", iterations: int = 5,
                  shrinkage: str | float = "auto", eval_from: str = "covariance",
-                 process_group: Any = None, device=None, dtype=None) -> None:
+                 process_group: Any = None, device=None, dtype=None, transform: str = "zca") -> None:
         super().__init__(num_features, group_size, 1.0, "whitening", eps, momentum, affine,
                          track_running_stats, method, iterations, shrinkage, eval_from,
-                         process_group, device, dtype)
+                         process_group, device, dtype, transform)
 
     def _extra_fields(self) -> dict[str, Any]:
         return {"group_size": self.group_size, **super()._extra_fields()}
@@ -277,10 +322,10 @@ class SparseZCANorm(_Whitening):
                  eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, method: str = "auto", iterations: int = 5,
                  shrinkage: str | float = "auto", eval_from: str = "covariance",
-                 process_group: Any = None, device=None, dtype=None) -> None:
+                 process_group: Any = None, device=None, dtype=None, transform: str = "zca") -> None:
         super().__init__(num_features, None, density, sparsify, eps, momentum, affine,
                          track_running_stats, method, iterations, shrinkage, eval_from,
-                         process_group, device, dtype)
+                         process_group, device, dtype, transform)
 
     def _extra_fields(self) -> dict[str, Any]:
         return {"density": self.density, "sparsify": self.sparsify, **super()._extra_fields()}

@@ -1,11 +1,12 @@
-"""`exoticnorm bench-whitening` runs, loads an IterNorm file, and measures whitening error."""
+"""`exoticnorm bench-whitening` runs every variant, loads an IterNorm file, and measures whitening error."""
 
 import json
 
 import torch
 from click.testing import CliRunner
 
-from exoticnorm.bench_whitening import block_whitening_error, correlated_input
+from exoticnorm.bench_whitening import (block_whitening_error, circulant_input, correlated_input,
+                                        whitening_errors)
 from exoticnorm.cli import main
 
 FAKE_ITERNORM = '''
@@ -35,10 +36,17 @@ def test_bench_whitening_with_an_iternorm_file(tmp_path):
                                        "--group", "4", "--repeats", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
-    assert [r["channels"] for r in rows] == [8, 8]
-    for r in rows:
-        assert r["error"]["eigh"] < 1e-2 < r["error"]["iternorm"]  # BN standardizes, does not whiten
-        assert r["eigh_over_iternorm"] > 0
+    by = {r["variant"]: r for r in rows}
+    assert {r["channels"] for r in rows} == {8}
+    assert {"zca", "zca cholesky", "zca pca", "block-zca 4", "block-zca 4 newton5", "monarch-zca",
+            "monarch-zca pca", "circulant-zca", "group-whitening", "switchable-whitening",
+            "IterNorm 4"} == set(by)
+    for exact in ("zca", "zca cholesky", "zca pca"):
+        assert by[exact]["err"] < 1e-2 and by[exact]["off"] < 1e-2
+    assert by["block-zca 4"]["block"] < 1e-2 < by["block-zca 4"]["off"]  # blocks only
+    assert by["IterNorm 4"]["block"] > 1e-2  # the stand-in standardizes, does not whiten
+    assert by["circulant-zca"]["circ"] < 0.2 < by["circulant-zca"]["err"]  # its assumption
+    assert all(r["ms"] > 0 for r in rows) and by["zca"]["over_zca"] == 1.0
 
 
 def test_block_whitening_error_sees_correlation():
@@ -46,3 +54,12 @@ def test_block_whitening_error_sees_correlation():
     assert block_whitening_error(x, 4) > 1.0
     z = torch.randn(4000, 8, 1, 1)
     assert block_whitening_error(z, 8) < 0.1
+
+
+def test_errors_split_into_blocks_and_between():
+    x = correlated_input(64, 8, 4, 4)
+    e = whitening_errors(x, 4)
+    assert e["err"] == max(e["block"], e["off"]) and e["off"] > 0.5
+    c = circulant_input(500, 8, 4, 4)
+    cov = torch.cov(c.transpose(0, 1).reshape(8, -1).double())
+    assert abs(cov[0, 1] - cov[3, 4]) < 0.05 and abs(cov[0, 7] - cov[0, 1]) < 0.05  # wrapped, stationary

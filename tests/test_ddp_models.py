@@ -9,10 +9,10 @@ which needs more than one spatial value per sample at the last stage). Checks:
 - for norms whose training forward gives the same per-sample result in 2 ranks as in one
   process, the all-reduced mean loss at every step, the final parameters and (for the synced
   ones) the rank's running statistics equal one process training on the concatenated 16-image
-  batch (pit: see CHAOTIC below). These are the norms that sync their statistics inside a process group (zca, block-zca,
-  sparse-zca, pit) and those that use no statistics across samples (gn, ln, in, none). The batch
-  norms (bn and its variants, running-bn) are checked for rank agreement only: they would sync
-  only as torch.nn.SyncBatchNorm, which does not run on the CPU.
+  batch (pit: see CHAOTIC below). These are the norms that sync their statistics inside a process group (the batch
+  norms bn, bn-mean, bn-var, bn-frozen and running-bn, as torch.nn.SyncBatchNorm does; zca,
+  block-zca, sparse-zca, monarch-zca, circulant-zca, switchable-whitening, pit) and those that
+  use no statistics across samples (gn, ln, in, none, group-whitening).
 
 The model is float64 so that the comparison with one process can be tight: rtol 1e-7,
 atol 1e-9. The two runs differ only in the order of the sums behind the statistics
@@ -49,8 +49,10 @@ NORMS = en.available_norms()  # at collection time: a norm registered later is c
 WORLD = 2
 PER_RANK = 8
 STEPS = 3
-SYNCED = {"zca", "block-zca", "sparse-zca", "pit"}  # statistics all-reduced inside a process group
-PER_SAMPLE = {"gn", "ln", "in", "none"}  # no statistics across samples
+SYNCED = {"bn", "bn-mean", "bn-var", "bn-frozen", "running-bn",  # statistics all-reduced
+          "zca", "block-zca", "sparse-zca", "monarch-zca", "circulant-zca",  # inside a process group
+          "switchable-whitening", "pit"}
+PER_SAMPLE = {"gn", "ln", "in", "none", "group-whitening"}  # no statistics across samples
 PER_SAMPLE_SPATIAL = {"in"}  # rejects the 1×1 maps resnet18 reaches at 32 px
 FAST = ("bn", "zca")  # the default suite: one spawn for both
 RTOL, ATOL = 1e-7, 1e-9
@@ -239,7 +241,7 @@ def _check_loose(norm, ranks, losses, params, buffers, rel) -> None:
 
 
 def test_ddp_resnet18_fast_subset(tmp_path):
-    """bn (rank agreement) and zca (synced: equals one process) in one spawn."""
+    """bn and zca (synced: each equals one process) in one spawn."""
     ranks = _run_ddp(tmp_path, FAST)
     for norm in FAST:
         _check(norm, [res[norm] for res in ranks])

@@ -1,0 +1,100 @@
+"""Batch whitening with its big-tensor passes fused in C++ (``csrc/whiten_cpu.cpp``).
+
+The same map and gradient as ``whitening.WhitenBatch``, y = A (x − μ) + b with A = γ ∘ W(Σ),
+b = β, for CPU input with spatial dims in float32/float64, from four passes over the data:
+
+- forward: the shifted sums Σ(x − s) and Σ(x − s)(x − s)ᵀ per group in one pass (s: the first
+  sample's per-channel mean, so the sums neither overflow nor cancel; double accumulators),
+  then y = A (x − μ) + b in one pass. Nothing of the input's size is stored but x itself
+  (WhitenBatch keeps the centred copy).
+- backward: ḡ_b = Σ ḡ_y and ḡ_A = Σ ḡ_y (x − μ)ᵀ in one pass, the small map's
+  gradient by autograd as in WhitenBatch, then ḡ_x = Aᵀ ḡ_y + S (x − μ) + v in one pass,
+  with S = (ḡ_Σ + ḡ_Σᵀ)/M and v = −Aᵀ ḡ_b / M. Values are centred in chunks before they are
+  multiplied, so inputs far from zero lose no more than in WhitenBatch.
+
+``supported`` says when it applies: a shrinkage that does not need the centred samples
+(Ledoit–Wolf's does), groups that divide C, no process group (the synced path sums moments
+across ranks first).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from . import whitening as W
+from .functional import autocast_off, refuse_double_backward
+from .kernels import whiten_cpu
+
+__all__ = ["supported", "FusedWhitenBatch"]
+
+
+def supported(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> bool:
+    """Whether ``FusedWhitenBatch`` computes this batch (else ``WhitenBatch`` does)."""
+    if x.device.type != "cpu" or x.ndim < 3 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.shape[1] % group_size or x.shape[0] == 0 or x[0, 0].numel() < 8:
+        return False  # padding, empty, or few positions (fc-like: BLAS does better)
+    count = x.shape[0] * x[0, 0].numel()
+    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * group_size):
+        return False  # Ledoit–Wolf needs the centred samples
+    return whiten_cpu() is not None
+
+
+class FusedWhitenBatch(torch.autograd.Function):
+    """``WhitenBatch``'s map and outputs (y, μ, Σ, W, ρ) by the fused passes (module docstring)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int, spec: W.WhiteningSpec):
+        kernel = whiten_cpu()
+        c = group_size
+        x3 = rearrange(x, "n c ... -> n c (...)").contiguous()
+        g, m = x3.shape[1] // c, x3.shape[0] * x3.shape[2]
+        shift = rearrange(x3[0].mean(-1), "(g c) -> g c", c=c).contiguous()
+        s1, s2 = kernel.moments(x3, shift, c)
+        mean_s = s1 / m
+        cov = (s2 / m - mean_s.unsqueeze(-1) * mean_s.unsqueeze(-2)).to(x.dtype)
+        mean = shift + mean_s.to(x.dtype)
+        rho = W.shrinkage_intensity(cov, None, spec, count=m)
+        leaf = cov.detach().requires_grad_()
+        params = [None if p is None else p.detach().requires_grad_(p.requires_grad) for p in (weight, bias)]
+        with torch.enable_grad():
+            w = W.whitening_matrix(leaf, rho, spec)
+            a, b = W.affine_map(w, None, W.grouped_vector(params[0], c, 1.0), W.grouped_vector(params[1], c, 0.0))
+        y = torch.empty(x.shape, dtype=x.dtype)  # not a view: the output may be modified in place
+        kernel.affine(x3, a.detach().contiguous(), mean.contiguous(), b.detach().contiguous(), c, y)
+        rho = torch.as_tensor(rho, dtype=cov.dtype).expand(g).clone()
+        return y, mean, cov, w.detach(), rho, x3, (leaf, params, a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        y, mean, cov, w, rho, x3, graph = output
+        ctx.save_for_backward(x3, mean)
+        ctx.graph = graph
+        ctx.shape = inputs[0].shape
+        ctx.group_size = inputs[3]
+        ctx.mark_non_differentiable(mean, cov, w, rho, x3)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_):
+        refuse_double_backward("exoticnorm whitening norms are",
+                               "use the norm in eval mode (an affine map) for that part of the loss")
+        with autocast_off(grad):
+            return FusedWhitenBatch._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: Tensor):
+        kernel = whiten_cpu()
+        x3, mean = ctx.saved_tensors
+        a = ctx.graph[2]
+        c = ctx.group_size
+        m = x3.shape[0] * x3.shape[2]
+        gy3 = grad.to(x3.dtype).reshape(x3.shape).contiguous()
+        grad_b, grad_a = (t.to(x3.dtype) for t in kernel.grad_moments(gy3, x3, mean.contiguous(), c))
+        grad_cov, grad_params = W.small_map_grads(ctx.graph, grad_a, grad_b)
+        at = a.detach().mT.contiguous()
+        sym = torch.zeros_like(at) if grad_cov is None else (grad_cov + grad_cov.mT) / m
+        v = -(at @ grad_b.unsqueeze(-1)).squeeze(-1) / m
+        gx = kernel.grad_input(gy3, x3, at, sym.contiguous(), mean.contiguous(), v.contiguous(), c)
+        return gx.view(ctx.shape), *grad_params, None, None
