@@ -75,9 +75,12 @@ class FusedWhitenBatch(torch.autograd.Function):
         ctx.shape = inputs[0].shape
         ctx.group_size = inputs[3]
         ctx.mark_non_differentiable(mean, cov, w, rho, x3)
+        ctx.set_materialize_grads(False)  # no zero gradients for the outputs without one (one is x-sized)
 
     @staticmethod
-    def backward(ctx, grad: Tensor, *_):
+    def backward(ctx, grad: Tensor | None, *_):
+        if grad is None:  # only y is differentiable; kept for safety with set_materialize_grads(False)
+            return None, None, None, None, None
         refuse_double_backward("exoticnorm whitening norms are",
                                "use the norm in eval mode (an affine map) for that part of the loss")
         with autocast_off(grad):
