@@ -24,6 +24,7 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor
 
+from .distributed import synced
 from . import cdf
 from . import functional as EF
 from .base import RunningStatsNorm
@@ -34,9 +35,6 @@ __all__ = ["PITNorm"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)  # of the sketch's buffers
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _union_bins(bottom: Tensor, ties: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,7 +109,7 @@ class PITNorm(RunningStatsNorm):
         observe = self.training and self.track_running_stats
         momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
         normal = self.output == "normal"
-        if not _distributed():  # one C++ call
+        if not synced():  # one C++ call
             config = (self.bins, normal, self.tail, self.smoothing, momentum, sketch.regrid_shift,
                       observe, not fresh)
             y, regrid, std, (finite, atom, ties) = cdf.FusedTransform.apply(
@@ -145,7 +143,7 @@ class PITNorm(RunningStatsNorm):
         z = (x3 - center.view(1, -1, 1)) / scale.view(1, -1, 1)
         t = (z / (1.0 + z.abs()) + 1.0) * (0.5 * self.bins)
         flat, counts, bottom, ties, moments = cdf.batch_counts(x3, t, self.bins, center)
-        if _distributed():
+        if synced():
             bottom, ties = _union_bins(bottom, ties)
             dist.all_reduce(counts)
         n = counts.sum(1, keepdim=True)

@@ -34,14 +34,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .distributed import synced
 from . import cdf as _cdf
 from .kernels import pit_cpu
 
 __all__ = ["QuantileSketch"]
 
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -210,7 +208,7 @@ class QuantileSketch(nn.Module):
         _, counts, bottom, ties, moments = _cdf.batch_counts(x[None], t[None], self.bins, self.center)
         counts = counts.to(self.cdf.dtype)
         self.nonfinite.add_((x.shape[1] - moments[0]).to(self.nonfinite.dtype))
-        if _distributed():
+        if synced():
             dist.all_reduce(counts)
         self.observe(counts)
         self.observe_atoms(*_cdf.largest_ties(bottom, ties), counts.sum(1))
@@ -226,14 +224,14 @@ class QuantileSketch(nn.Module):
         finite = torch.isfinite(xs)
         xs = torch.where(finite, xs, 0.0)
         moments = torch.stack([finite.sum(dims).double(), xs.sum(dims), (xs * xs).sum(dims)])
-        if _distributed():
+        if synced():
             dist.all_reduce(moments)
         self._follow(moments)
 
     @torch.no_grad()
     def follow_moments(self, moments: Tensor) -> None:
         """``follow`` from a batch's per-channel moments (3, C): count, sum, sum of squares."""
-        if _distributed():
+        if synced():
             moments = moments.clone()
             dist.all_reduce(moments)
         kernel = pit_cpu() if self.cdf.device.type == "cpu" else None

@@ -43,7 +43,8 @@ from . import functional as EF
 from . import whitening as W
 from .functional import autocast_off, refuse_double_backward
 from .base import RunningStatsNorm
-from .zca import EVAL_FROM, _COMMON_DOC, _distributed, _Whitening
+from .distributed import synced
+from .zca import EVAL_FROM, _COMMON_DOC, _Whitening
 
 __all__ = [
     "MonarchZCANorm",
@@ -371,7 +372,7 @@ class CirculantZCANorm(RunningStatsNorm):
     @torch.compiler.disable  # a custom Function and in-place running updates: eager only
     def _train_forward(self, xs: Tensor) -> Tensor:
         c = self.num_features
-        if _distributed(self.process_group):
+        if synced(self.process_group):
             mean, spectrum, lam, count = self._synced_statistics(xs)
             gain = circulant_gain(lam, c, self.eps, self.shrinkage)
             y = circulant_apply(spectrum, gain, c)

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from . import functional as EF
 from . import whitening as W
 from .base import RunningStatsNorm
-from .zca import SHRINKAGE, _distributed, ranks_mean, synced_moments
+from .distributed import synced
+from .zca import SHRINKAGE, ranks_mean, synced_moments
 
 __all__ = ["SwitchableWhitening", "switchable_whiten", "COMPONENTS"]
 
@@ -166,7 +167,7 @@ class SwitchableWhitening(RunningStatsNorm):
         """μ_B (G, c), biased Σ_B (G, c, c), the shrinkage ρ (G,) and the count, over the batch
         (and every process in a process group)."""
         spec = self.spec
-        if _distributed(self.process_group):
+        if synced(self.process_group):
             shift = (W.grouped_vector(self.running_mean, self._group_size, 0.0) if self.track_running_stats
                      else xv.new_zeros(xv.shape[1:3]))
             mean, cov, count = synced_moments(xv, shift.to(xv.dtype), self.process_group)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import synced
 from . import functional as EF
 from . import whitening as W
 from .base import RunningStatsNorm
@@ -31,9 +32,6 @@ __all__ = ["ZCANorm", "BlockZCANorm", "SparseZCANorm"]
 SHRINKAGE = ("auto", "lw")
 EVAL_FROM = ("covariance", "whitening")
 
-
-def _distributed(group) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
 def synced_moments(xv: Tensor, shift: Tensor, process_group: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -177,7 +175,7 @@ class _Whitening(RunningStatsNorm):
         """One block-whitening stage with batch statistics: y = γ ∘ W (x − μ) + β per group of
         ``group_size`` channels, synced across processes when in a process group (``shift``
         (G, c) shared by the ranks, None = 0). Returns y, mean, cov, W, ρ, count."""
-        if _distributed(self.process_group):
+        if synced(self.process_group):
             if shift is None:
                 shift = x.new_zeros(math.ceil(x.shape[1] / group_size), group_size)
             return self._synced_stage(x, group_size, weight, bias, shift)
