@@ -17,8 +17,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     -c scripts/constraints.txt torch torchvision
   quiet_pip .venv/bin/python -m pip install -q --disable-pip-version-check \
     -c scripts/constraints.txt -e '.[test,bench,report,ray,slurm]'
-  echo "setup: building the PIT CPU kernel (C++, about a minute; PITNorm falls back to torch ops without it)"
-  .venv/bin/python -c "from exoticnorm.kernels import pit_cpu; pit_cpu()" || true
+  echo "setup: building the PIT and whitening CPU kernels (C++, about a minute; the norms fall back to torch ops without them)"
+  .venv/bin/python -c "from exoticnorm.kernels import pit_cpu, whiten_cpu; pit_cpu(); whiten_cpu()" || true
   echo "$want" > "$stamp"
 fi
 
