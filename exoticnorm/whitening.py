@@ -193,6 +193,28 @@ def apply_map(a: Tensor, b: Tensor, xv: Tensor, shape: torch.Size) -> Tensor:
     return y if tracked else y.clone(memory_format=torch.contiguous_format)
 
 
+def keep_graph(ctx, inputs: tuple, output: tuple) -> None:
+    """What a batch-whitening Function's ``setup_context`` shares (outputs y, μ, Σ, W, ρ, a
+    saved x-sized tensor, the small graph): the graph and shapes on ``ctx``, the outputs after
+    y non-differentiable, and no zero gradients materialised for them (one is x-sized)."""
+    ctx.graph = output[6]
+    ctx.shape = inputs[0].shape
+    ctx.group_size = inputs[3]
+    ctx.mark_non_differentiable(*output[1:6])
+    ctx.set_materialize_grads(False)
+
+
+def guarded_backward(ctx, grad: Tensor | None, impl) -> tuple:
+    """A batch-whitening Function's backward: ``impl(ctx, grad)`` outside autocast (the
+    statistics' dtype), a clear error under create_graph=True, nothing when y has no gradient."""
+    if grad is None:  # only y is differentiable
+        return None, None, None, None, None
+    refuse_double_backward("exoticnorm whitening norms are",
+                           "use the norm in eval mode (an affine map) for that part of the loss")
+    with autocast_off(grad):
+        return impl(ctx, grad)
+
+
 class WhitenBatch(torch.autograd.Function):
     """y = A(Σ, γ) (x − μ) + b(β) from the batch's own mean μ and covariance Σ, for x (N, C, *s)
     in groups of ``group_size`` channels; W(Σ) as ``spec`` says.
@@ -226,21 +248,12 @@ class WhitenBatch(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        y, mean, cov, w, rho, xc, graph = output
-        ctx.save_for_backward(xc)
-        ctx.graph = graph
-        ctx.shape = inputs[0].shape
-        ctx.mark_non_differentiable(mean, cov, w, rho, xc)
-        ctx.set_materialize_grads(False)  # no zero gradients for the outputs without one (one is x-sized)
+        ctx.save_for_backward(output[5])  # the centred samples
+        keep_graph(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, *_):
-        if grad is None:  # only y is differentiable; kept for safety with set_materialize_grads(False)
-            return None, None, None, None, None
-        refuse_double_backward("exoticnorm whitening norms are",
-                               "use the norm in eval mode (an affine map) for that part of the loss")
-        with autocast_off(grad):  # a backward called inside autocast stays in the statistics' dtype
-            return WhitenBatch._backward(ctx, grad)
+        return guarded_backward(ctx, grad, WhitenBatch._backward)
 
     @staticmethod
     def _backward(ctx, grad: Tensor):

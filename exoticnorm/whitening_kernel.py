@@ -24,7 +24,6 @@ from einops import rearrange
 from torch import Tensor
 
 from . import whitening as W
-from .functional import autocast_off, refuse_double_backward
 from .kernels import whiten_cpu
 
 __all__ = ["supported", "FusedWhitenBatch"]
@@ -69,22 +68,12 @@ class FusedWhitenBatch(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        y, mean, cov, w, rho, x3, graph = output
-        ctx.save_for_backward(x3, mean)
-        ctx.graph = graph
-        ctx.shape = inputs[0].shape
-        ctx.group_size = inputs[3]
-        ctx.mark_non_differentiable(mean, cov, w, rho, x3)
-        ctx.set_materialize_grads(False)  # no zero gradients for the outputs without one (one is x-sized)
+        ctx.save_for_backward(output[5], output[1])  # x as (N, C, S), μ
+        W.keep_graph(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad: Tensor | None, *_):
-        if grad is None:  # only y is differentiable; kept for safety with set_materialize_grads(False)
-            return None, None, None, None, None
-        refuse_double_backward("exoticnorm whitening norms are",
-                               "use the norm in eval mode (an affine map) for that part of the loss")
-        with autocast_off(grad):
-            return FusedWhitenBatch._backward(ctx, grad)
+        return W.guarded_backward(ctx, grad, FusedWhitenBatch._backward)
 
     @staticmethod
     def _backward(ctx, grad: Tensor):

@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import exoticnorm as en
+from test_distributed import _data  # the same unequal per-rank batches (5 and 11 samples)
 
-SIZES = (5, 11)  # unequal per-rank batches
 CASES = {
     "zca-cholesky": ("zca", {"transform": "cholesky"}),
     "block-zca-pca": ("block-zca", {"group_size": 4, "transform": "pca"}),
@@ -16,15 +16,6 @@ CASES = {
     "circulant-zca": ("circulant-zca", {}),
     "switchable-whitening": ("switchable-whitening", {"group_size": 4}),
 }
-
-
-def _data():
-    gen = torch.Generator().manual_seed(0)
-    xs = [torch.randn(n, 6, 3, 3, generator=gen, dtype=torch.float64) for n in SIZES]
-    mix = torch.eye(6, dtype=torch.float64) + 0.5 * torch.ones(6, 6, dtype=torch.float64)
-    xs = [torch.einsum("dc,nchw->ndhw", mix, x) + 2.0 for x in xs]
-    gs = [torch.randn(n, 6, 3, 3, generator=gen, dtype=torch.float64) for n in SIZES]
-    return xs, gs
 
 
 def _norm(case):

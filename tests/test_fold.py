@@ -9,7 +9,9 @@ from torch import nn
 import exoticnorm as en
 from exoticnorm.models.lenet import LeNet
 
-FOLDABLE = ["bn", "bn-mean", "bn-var", "bn-frozen", "running-bn", "zca", "block-zca", "sparse-zca"]
+FOLDABLE = ["bn", "bn-mean", "bn-var", "bn-frozen", "running-bn", "zca", "block-zca", "sparse-zca", "monarch-zca",
+            "circulant-zca"]
+TRANSFORMS = [("block-zca", {"group_size": 4, "transform": t}) for t in ("cholesky", "pca")]
 
 
 def _trained(model, x, steps=3):
@@ -21,11 +23,11 @@ def _trained(model, x, steps=3):
     return model.eval()
 
 
-@pytest.mark.parametrize("name", FOLDABLE)
-def test_lenet_folds_every_norm_and_keeps_its_outputs(name):
+@pytest.mark.parametrize("name,kwargs", [(n, {}) for n in FOLDABLE] + TRANSFORMS)
+def test_lenet_folds_every_norm_and_keeps_its_outputs(name, kwargs):
     torch.manual_seed(0)
     x = torch.randn(64, 1, 28, 28)
-    model = _trained(LeNet(norm=name), x)
+    model = _trained(LeNet(norm=name, norm_kwargs=kwargs), x)
     folded, left = fold_norms_checked(model)
     assert left == []
     assert not any(hasattr(m, "check_input") for m in folded.modules())

@@ -7,7 +7,6 @@ import torch
 
 import exoticnorm as en
 from exoticnorm import structured as S
-from exoticnorm.models.lenet import LeNet
 
 EPS = 1e-5
 
@@ -211,17 +210,3 @@ def test_autocast_keeps_statistics_in_float32(name):
     assert y.dtype == torch.bfloat16
     assert all(b.dtype == torch.float32 for b in m.buffers() if b.is_floating_point())
     torch.testing.assert_close(y.float(), en.create_norm(name, 6)(h.float()), atol=0.03, rtol=0.02)
-
-
-@pytest.mark.parametrize("name", ["monarch-zca", "circulant-zca"])
-def test_lenet_folds(name):
-    torch.manual_seed(0)
-    x = torch.randn(64, 1, 28, 28)
-    model = LeNet(norm=name)
-    with torch.no_grad():
-        for i in range(3):
-            model(x * (1 + i))
-    model.eval()
-    folded, left = en.fold_norms(model)
-    assert left == []
-    torch.testing.assert_close(folded(x), model(x), rtol=0, atol=1e-5)
