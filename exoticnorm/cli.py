@@ -13,7 +13,7 @@ from . import registry
 from .base import InputError
 from .data import DatasetNotFound
 from .models.lenet import ACTIVATIONS, LAYER_SETS
-from .train import OPTIMIZERS, RunError, StudyConfig, check_norm_option, run_study
+from .train import MODELS, OPTIMIZERS, RunError, StudyConfig, check_norm_option, run_study
 
 DIVERGED_EXIT = 3
 
@@ -75,7 +75,10 @@ def main() -> None:
               help="Which LeNet layers get the norm.")
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout after the fc1/fc2 activations.")
 @click.option("--bias/--no-bias", default=True, show_default=True, help="Bias in layers a norm follows.")
-@click.option("--activation", default="sigmoid", show_default=True, type=click.Choice(list(ACTIVATIONS)))
+@click.option("--model", default="lenet", show_default=True, type=click.Choice(list(MODELS)),
+              help="d2l's LeNet, or a ResNet-8/20 for 28×28 (width 16, a norm after every conv).")
+@click.option("--activation", default="auto", show_default=True, type=click.Choice(["auto", *ACTIVATIONS]),
+              help="auto: the model's own (sigmoid for lenet as in d2l, relu for the resnets).")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=0.1, show_default=True, type=float)
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
@@ -88,8 +91,9 @@ def main() -> None:
 @click.option("--limit-train", type=click.IntRange(min=2), help="Use only the first N training images.")
 @click.option("--limit-test", type=click.IntRange(min=1), help="Use only the first N test images.")
 @click.option("--precise-stats", default=100, show_default=True, type=click.IntRange(min=0),
-              help="Before each evaluation, recompute the eval statistics of whitening/PIT norms "
-                   "over this many training batches (0: off).")
+              help="Each epoch is evaluated twice: with the running statistics, and with statistics "
+                   "recomputed over this many training batches with the final weights, for every norm "
+                   "that keeps statistics (0: the running protocol only).")
 @click.option("--out", type=click.Path(file_okay=False), help="Run directory [default: runs/NORM-sSEED-TIME].")
 @click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]),
               help="[default: with --resume the run's own mode; else $WANDB_MODE, else online "
@@ -102,7 +106,7 @@ def main() -> None:
 @click.pass_context
 def study(ctx: click.Context, norm_opts, out, device, data_dir, download, wandb_mode, group, resume, nproc,
           **fields) -> None:
-    """Train the d2l BN-LeNet on FashionMNIST with a norm (defaults: d2l's SGD, lr 0.1, batch 128, 10 epochs).
+    """Train the d2l BN-LeNet (or a small ResNet, --model) on FashionMNIST with a norm (defaults: d2l's SGD, lr 0.1, batch 128, 10 epochs).
 
     Under torchrun (`torchrun --nproc-per-node N -m exoticnorm study ...`) the processes train
     one model together; `--nproc N` starts that for you."""

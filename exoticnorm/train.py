@@ -37,6 +37,7 @@ from . import distributed, registry
 from .data import FashionMNIST, load_fashion_mnist
 from .models import LeNet
 from .models.lenet import ACTIVATIONS, LAYER_SETS, NORM_SITES
+from .activations import ActivationRecorder
 from .precise import precise_statistics
 from .tracking import WandbLogger
 
@@ -58,6 +59,9 @@ class RunDirBusy(RunError):
 
 
 # --------------------------------------------------------------------- settings and norm options
+
+MODELS = {"lenet": None, "resnet8": 1, "resnet20": 3}  # model → residual blocks per stage
+RESNET_WIDTH = 16  # channels of the first stage (He et al. 2016's CIFAR ResNets)
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -126,7 +130,9 @@ def check_setting(name: str, value: Any) -> Any:
     if name == "optimizer":
         return _choice_setting(name, value, OPTIMIZERS)
     if name == "activation":
-        return _choice_setting(name, value, tuple(ACTIVATIONS))
+        return _choice_setting(name, value, ("auto", *ACTIVATIONS))
+    if name == "model":
+        return _choice_setting(name, value, tuple(MODELS))
     if name == "norm":
         if not isinstance(value, str) or not value:
             raise RunError(f"norm must be a registered norm name, got {value!r}")
@@ -208,10 +214,11 @@ class StudyConfig:
 
     norm: str = "bn"
     norm_opts: dict[str, Any] = field(default_factory=dict)
+    model: str = "lenet"  # lenet (d2l's) or resnet8 / resnet20 (exoticnorm.models.resnet, width 16)
     norm_layers: str = "all"
     dropout: float = 0.0
     bias: bool = True
-    activation: str = "sigmoid"
+    activation: str = "auto"  # the model's own: sigmoid for lenet (d2l), relu for the resnets
     epochs: int = 10
     lr: float = 0.1
     batch_size: int = 128
@@ -220,21 +227,32 @@ class StudyConfig:
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None
-    precise_stats: int = 100  # batches of precise eval statistics for norms that need them
+    precise_stats: int = 100  # training batches for the precise-statistics eval protocol
 
     def __post_init__(self) -> None:
         """Every field checked with the CLI's rules (``check_setting``), the norm options typed
         for the norm (``check_norm_opts``; unknown norms and options fail in build_model)."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, check_setting(f.name, getattr(self, f.name)))
+        if self.activation == "auto":
+            self.activation = "sigmoid" if self.model == "lenet" else "relu"
+        if self.model != "lenet" and self.norm_layers not in ("all", "none"):
+            raise RunError(f"norm_layers {self.norm_layers!r} names LeNet sites; {self.model} takes "
+                           "all (a norm after every conv) or none")
         if self.norm_opts and self.norm in registry.available_norms():
             try:
                 self.norm_opts = check_norm_opts(self.norm, self.norm_opts)
             except registry.NormConfigError as exc:
                 raise RunError(f"norm_opts: {exc}") from exc
 
-    def build_model(self) -> LeNet:
-        return LeNet(self.norm, self.norm_opts, self.norm_layers, self.dropout, self.bias, self.activation)
+    def build_model(self) -> nn.Module:
+        kw = dict(norm=self.norm, norm_kwargs=self.norm_opts, norm_layers=self.norm_layers,
+                  dropout=self.dropout, bias=self.bias, activation=self.activation)
+        if self.model == "lenet":
+            return LeNet(**kw)
+        from .models.resnet import ResNet
+
+        return ResNet(**kw, width=RESNET_WIDTH, blocks_per_stage=MODELS[self.model])
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -259,34 +277,6 @@ def _optimizer(config: StudyConfig, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, **kw)
 
 
-class ActivationStats:
-    """Mean and std of each norm's output in training (fastai's "plot the activations"),
-    sampled every ``every`` steps through forward hooks, averaged per epoch."""
-
-    def __init__(self, norms: dict[str, nn.Module], every: int = 10) -> None:
-        self.every, self.step, self.sums = every, 0, {}
-        self.handles = [m.register_forward_hook(self._hook(site)) for site, m in norms.items()]
-
-    def _hook(self, site: str):
-        def hook(module, inputs, output):
-            if module.training and self.step % self.every == 0:
-                with torch.no_grad():
-                    std, mean = torch.std_mean(output.detach().float())
-                    acc = self.sums.setdefault(site, torch.zeros(3, device=output.device))
-                    acc += torch.stack([mean, std, torch.ones_like(mean)])
-        return hook
-
-    def epoch_summary(self) -> dict[str, float]:
-        """The epoch's averages (over every rank's samples), and a fresh start."""
-        sites, out = list(self.sums), {}
-        if sites:
-            sums = distributed.all_sum(torch.stack([self.sums[s] for s in sites])).tolist()
-            for site, (mean, std, n) in zip(sites, sums):
-                out[f"act/{site}/mean"], out[f"act/{site}/std"] = mean / n, std / n
-        self.sums = {}
-        return out
-
-
 def _train_size(n_data: int, batch_size: int) -> int:
     """The training images an epoch uses: all but one when the last batch would hold one only
     (a batch statistic of one value is undefined), so a different example sits out each epoch."""
@@ -294,7 +284,7 @@ def _train_size(n_data: int, batch_size: int) -> int:
 
 
 def _train_epoch(model: nn.Module, optimizer, data: FashionMNIST, order, batch_size: int,
-                 stats: ActivationStats, label: str) -> tuple[float, float]:
+                 stats: ActivationRecorder, label: str) -> tuple[float, float]:
     """One pass over ``order`` in global batches of ``batch_size``, each rank training on its
     shard of every batch; the summed loss and the count of correct predictions over all ranks."""
     loss_sum = torch.zeros((), device=order.device)
@@ -329,6 +319,30 @@ def _evaluate(model: nn.Module, x, y, batch_size: int = 1024) -> tuple[float, fl
             loss += F.cross_entropy(logits, y[i : i + batch_size], reduction="sum")
             correct += (logits.argmax(1) == y[i : i + batch_size]).sum()
     return loss.item() / len(x), correct.item() / len(x)
+
+
+EVAL_KEYS = ("test_loss_running", "test_acc_running", "test_loss_precise", "test_acc_precise", "precise_norms")
+
+
+def evaluate_both(net: nn.Module, batches, x, y) -> dict[str, float]:
+    """The two eval protocols, the same for every norm: with the running statistics as
+    training left them (d2l), and with "precise" statistics recomputed from ``batches`` with
+    the final weights (``precise_statistics`` over every norm that keeps statistics). The
+    running statistics are restored afterwards, so evaluating never changes training.
+    ``test_acc``/``test_loss`` alias the precise numbers; ``precise_norms`` = 0 means the model
+    keeps no statistics (or no batches were given) and the two protocols coincide."""
+    loss_run, acc_run = _evaluate(net, x, y)
+    saved = {name: b.clone() for name, b in net.named_buffers()}
+    try:
+        recomputed = precise_statistics(net, batches, only_flagged=False)
+        loss_pre, acc_pre = _evaluate(net, x, y) if recomputed else (loss_run, acc_run)
+    finally:
+        with torch.no_grad():
+            for name, b in net.named_buffers():
+                b.copy_(saved[name])
+    return {"test_loss": loss_pre, "test_acc": acc_pre, "test_loss_running": loss_run,
+            "test_acc_running": acc_run, "test_loss_precise": loss_pre, "test_acc_precise": acc_pre,
+            "precise_norms": recomputed}
 
 
 def _epoch_of(line: str) -> int | None:
@@ -582,15 +596,16 @@ def _train(config, out, dev, net, ckpt, data, wandb_mode, echo, group, stop_afte
     logged = {**dataclasses.asdict(config), "device": str(dev), "processes": world, **(wandb_config or {})}
     tracker = WandbLogger(wandb_mode if main else "disabled", out, logged, name=name, group=group,
                           run_id=run_id, echo=echo)
-    stats = ActivationStats(net.norms())
     n_params = sum(p.numel() for p in net.parameters())
     n_data = len(data.train_x)
     n_train = _train_size(n_data, config.batch_size)
     steps = math.ceil(n_train / config.batch_size)
+    stats = ActivationRecorder(net.norms(), steps)
+    stats.restore(out / "activations.pt", start_epoch)
     on = f"device {dev}" if world == 1 else f"{world} processes on {dev.type}"
     echo(f"{name}: {n_params} parameters, {n_train} training "
          f"images from {data.source}, {on}, {config.epochs} epochs")
-    echo(f"{'epoch':>5} {'loss':>7} {'train':>6} {'t_loss':>7} {'test':>6} {'img/s':>8} {'sec':>6}  norm output mean/std")
+    echo(f"{'epoch':>5} {'loss':>7} {'train':>6} {'t_loss':>7} {'t_run':>6} {'t_prec':>6} {'img/s':>8} {'sec':>6}  norm output mean/std")
     status, record = "finished", {}
     for epoch in range(start_epoch + 1, config.epochs + 1):
         t0 = time.perf_counter()
@@ -609,18 +624,20 @@ def _train(config, out, dev, net, ckpt, data, wandb_mode, echo, group, stop_afte
                  "and another --out")
             break
         batches = min(config.precise_stats, steps)
-        rows = (distributed.shard(order[i * config.batch_size : (i + 1) * config.batch_size])
-                for i in range(batches))
-        precise_statistics(net, (data.train_x[r] for r in rows))
-        test_loss, test_acc = _evaluate(net, data.test_x, data.test_y)
+        rows = [distributed.shard(order[i * config.batch_size : (i + 1) * config.batch_size])
+                for i in range(batches)]
+        stats.paused = True
+        evals = evaluate_both(net, (data.train_x[r] for r in rows), data.test_x, data.test_y)
+        stats.paused = False
         wall = time.perf_counter() - t0
         elapsed += wall
         record = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": correct / n_train,
-            "test_loss": test_loss, "test_acc": test_acc, "images_per_sec": n_train / train_time,
-            "epoch_time": wall, "elapsed": elapsed, **stats.epoch_summary(),
+            **evals, "images_per_sec": n_train / train_time,
+            "epoch_time": wall, "elapsed": elapsed, **stats.end_epoch(),
         }
         if main:
+            _atomic_write(out / "activations.pt", stats.save)
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             checkpoint = {
@@ -634,8 +651,8 @@ def _train(config, out, dev, net, ckpt, data, wandb_mode, echo, group, stop_afte
         tracker.log(record, step=epoch)
         acts = " ".join(f"{record[f'act/{s}/mean']:+.2f}/{record[f'act/{s}/std']:.2f}"
                         for s in net.norm_sites if f"act/{s}/mean" in record)
-        echo(f"{epoch:>5} {train_loss:7.4f} {record['train_acc']:6.3f} {test_loss:7.4f} "
-             f"{test_acc:6.3f} {record['images_per_sec']:8.0f} {wall:6.1f}  {acts}")
+        echo(f"{epoch:>5} {train_loss:7.4f} {record['train_acc']:6.3f} {record['test_loss']:7.4f} "
+             f"{record['test_acc_running']:6.3f} {record['test_acc_precise']:6.3f} {record['images_per_sec']:8.0f} {wall:6.1f}  {acts}")
         if stop_after is not None and epoch >= stop_after:
             tracker.finish()
             return {"status": "stopped", "epoch": epoch}
@@ -643,8 +660,7 @@ def _train(config, out, dev, net, ckpt, data, wandb_mode, echo, group, stop_afte
     summary = {
         "status": status,
         "epochs_done": record.get("epoch", start_epoch),
-        "test_acc": record.get("test_acc"), "train_acc": record.get("train_acc"),
-        "train_loss": record.get("train_loss"), "test_loss": record.get("test_loss"),
+        **{k: record.get(k) for k in ("test_acc", "train_acc", "train_loss", "test_loss", *EVAL_KEYS)},
         "images_per_sec": record.get("images_per_sec"), "elapsed": elapsed,
         "device": str(dev), "data_source": data.source, "parameters": n_params,
         "torch": torch.__version__, "processes": world, "config": dataclasses.asdict(config),
