@@ -76,7 +76,7 @@ def main() -> None:
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout after the fc1/fc2 activations.")
 @click.option("--bias/--no-bias", default=True, show_default=True, help="Bias in layers a norm follows.")
 @click.option("--model", default="lenet", show_default=True, type=click.Choice(list(MODELS)),
-              help="d2l's LeNet, or a ResNet-8/20 for 28×28 (width 16, a norm after every conv).")
+              help="d2l's LeNet, or a narrow ResNet-8/20 for 28×28 (width 8, a norm after every conv).")
 @click.option("--activation", default="auto", show_default=True, type=click.Choice(["auto", *ACTIVATIONS]),
               help="auto: the model's own (sigmoid for lenet as in d2l, relu for the resnets).")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))

@@ -40,11 +40,13 @@ def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged
         n.reset_running_stats()
         n.momentum = None
         n.train()
+    used = 0
     try:
         for x in batches:
             model(x)
+            used += 1
     finally:
         for n, momentum in zip(norms, momenta):
             n.momentum = momentum
         model.train(was_training)
-    return len(norms)
+    return len(norms) if used else 0

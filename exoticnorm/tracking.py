@@ -137,6 +137,29 @@ class WandbLogger:
         except Exception as exc:  # noqa: BLE001
             self._fail("log", exc)
 
+    def log_activations(self, history: dict[str, Any], epoch: int) -> None:
+        """The epoch's per-batch activation mean/std of each norm site as a line plot and its
+        last histogram (``ActivationRecorder.state()``; the open tails drawn as ±4.5)."""
+        if self.run is None:
+            return
+        try:
+            import wandb
+
+            n = history["steps_per_epoch"]
+            rows = slice((epoch - 1) * n, epoch * n)
+            edges = history["hist_edges"].clamp(-4.5, 4.5).numpy()
+            media = {}
+            for i, site in enumerate(history["sites"]):
+                media[f"act/{site}/per_batch"] = wandb.plot.line_series(
+                    xs=list(range(rows.start, rows.stop)),
+                    ys=[history["mean"][rows, i].tolist(), history["std"][rows, i].tolist()],
+                    keys=["mean", "std"], title=f"{site} output per batch, epoch {epoch}", xname="step")
+                if len(history["hist"]):
+                    media[f"act/{site}/hist"] = wandb.Histogram(np_histogram=(history["hist"][-1, i].numpy(), edges))
+            self.run.log(media, step=epoch)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("log", exc)
+
     def finish(self, summary: dict[str, Any] | None = None) -> None:
         if self.run is None:
             return
