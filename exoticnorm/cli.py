@@ -408,3 +408,16 @@ def report(source, quick, seeds, runs, out, wandb_report) -> None:
     except (StudyError, RunError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"report: {written}")
+
+
+@main.command()
+@click.option("--studies", "studies_dir", default="studies", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of study files (NAME.toml) and their reports (NAME/results.json).")
+@click.option("--out", default="paper", show_default=True, type=click.Path(file_okay=False),
+              help="Where paper.md, paper.pdf, provenance.json and sources.json go.")
+@click.option("--pdf/--no-pdf", default=True, show_default=True, help="Also build paper.pdf (needs typst).")
+def paper(studies_dir, out, pdf) -> None:
+    """The paper (markdown and PDF) from the studies' reports; every number traced to its source."""
+    from .paper import write_paper
+
+    write_paper(Path(studies_dir), Path(out), pdf=pdf, echo=click.echo)

@@ -3,8 +3,9 @@
 ```toml
 question = "Does the bias before BN matter?"   # written at the top of the report
 seeds = 3                                      # seeds 0..seeds-1
-[analysis]                                     # how `exoticnorm report` answers (see report.py)
+[analysis]                                     # how `exoticnorm report` answers (analysis.py)
 kind = "compare"
+protocol = "precise"                           # the test accuracy it uses: precise or running
 [base]                                         # StudyConfig fields shared by every cell
 epochs = 10
 [grid]                                         # axes; the cells are their cartesian product
@@ -36,6 +37,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .analysis import KINDS
+from .points import DEFAULT_PROTOCOL, PROTOCOLS
 from .train import RunError, StudyConfig, check_setting
 
 __all__ = ["StudyError", "Cell", "Study", "load_study", "parse_shard"]
@@ -167,17 +170,18 @@ def _axis(path: Path, name: str, values: Any) -> list[tuple[str, dict[str, Any]]
     return out
 
 
-KINDS = {"compare": (), "lr": ("x",), "batch": ("x",)}
-
-
 def _check_analysis(path: Path, analysis: dict[str, Any], axes: dict) -> None:
     """Fail at load time, not after the runs, on an [analysis] the report cannot use."""
     kind = analysis.get("kind", "compare")
     if kind not in KINDS:
         raise _fail(path, f"analysis.kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    for key in KINDS[kind]:
+    for key in KINDS[kind].needs:
         if key not in analysis:
             raise _fail(path, f"analysis.kind = {kind!r} needs analysis.{key} (a setting, e.g. \"lr\")")
+    protocol = analysis.get("protocol", DEFAULT_PROTOCOL)
+    if protocol not in PROTOCOLS:
+        raise _fail(path, f"analysis.protocol must be one of {', '.join(PROTOCOLS)} (the test accuracy "
+                          f"the report uses), got {protocol!r}")
     if "x" in analysis and analysis["x"] not in FIELDS:
         raise _fail(path, f"analysis.x must be a setting ({', '.join(sorted(FIELDS))}), got {analysis['x']!r}")
     for key in ("facet",):
@@ -263,8 +267,8 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
     ref = study.analysis.get("reference")
     if ref is not None:
         facet = study.analysis.get("facet")
-        valid = [label for label, _ in axes[facet]] if facet and study.analysis.get("kind") == "batch" \
-            else study.points()
+        by_facet = facet and KINDS[study.analysis.get("kind", "compare")].reference_is == "facet"
+        valid = [label for label, _ in axes[facet]] if by_facet else study.points()
         if ref not in valid:
             raise _fail(path, f"analysis.reference {ref!r} is not one of {', '.join(valid)}")
     return study

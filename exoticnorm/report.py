@@ -1,68 +1,37 @@
-"""A study's report: a table (mean ± sample std over seeds, with n), figures (PNG and PDF) and
-a markdown answer to the study's question computed from the numbers.
+"""A study's report: ``README.md`` (the answer to the study's question computed from the
+numbers, a table of mean ± sample std over seeds with n, the figures), the figures as PNG and
+PDF, ``results.json``, and optionally a wandb report.
 
-``[analysis]`` in the study file picks the answer:
+The answer, the figures and the table's accuracy come from the runs' ``test_acc_<protocol>``
+(``analysis.protocol``, default "precise"; points.PROTOCOLS); the bare ``test_acc`` of a run
+is not read. Runs recorded before both protocols were (no ``test_acc_running`` or
+``test_acc_precise``) stop the report with a StudyError that says how to re-run them.
 
-* ``kind = "compare"``: every grid point against ``reference``: Δ = mean − mean_ref with the
-  standard error se = √(s²/n + s_ref²/n_ref); |Δ| < 2·se reads "no detectable difference".
-  Optional ``sweeps = [{norm, option}]`` plot accuracy against a norm option.
-* ``kind = "lr"``: per ``facet`` value, the largest ``x`` (learning rate) whose runs all
-  finished with train accuracy ≥ ``min_train_acc``, and the best one.
-* ``kind = "batch"``: per ``facet`` value, accuracy against ``x`` (batch size) and the loss
-  from the best batch size to the smallest one.
-
-``focus = {axis = label}`` limits the activation figure to those cells.
+``results.json`` holds one entry per grid point: ``cell``, ``labels``, ``config``, ``n``
+(finished runs), ``diverged``, ``missing``, ``seeds`` (of the finished runs), ``protocol``
+(the study's), ``test_acc`` (per finished seed, under the study's protocol, so readers of the
+older file get the numbers the answer used), ``test_acc_running`` and ``test_acc_precise``
+(per finished seed), ``train_acc``, ``epoch_time``, and where the kind compares points
+(compare: each cell against the reference; batch: each facet value against the reference's
+at the same x) ``vs_reference`` = {reference, delta, ci_low, ci_high, p, n, n_ref} from
+stats.welch (null where a side has one run).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-from .grid import Cell, Study, StudyError
+from .analysis import answer, difference, kind_of
+from .figures import fig_activations, fig_curves, fig_epoch_time, focus_runs
+from .grid import Study, StudyError, config_dict
+from .points import PROTOCOLS, PointResult, acc_key, fmt, protocol
 
-__all__ = ["PointResult", "collect", "make_report", "wandb_report_for"]
+__all__ = ["collect", "table", "make_report", "wandb_report_for", "build_wandb_report"]
 
-FIGURE_FORMATS = ("png", "pdf")
-
-
-@dataclass
-class PointResult:
-    """All seeds of one grid point."""
-
-    key: str
-    labels: dict[str, str]
-    config: dict[str, Any]
-    summaries: list[dict] = field(default_factory=list)  # finished or diverged runs
-    metrics: list[list[dict]] = field(default_factory=list)  # per run, per epoch
-    missing: int = 0  # seeds without a finished run of this cell's settings
-    mismatched: int = 0  # of those, folders holding a run made with other settings
-
-    @property
-    def finished(self) -> list[dict]:
-        return [s for s in self.summaries if s["status"] == "finished"]
-
-    @property
-    def diverged(self) -> int:
-        return sum(s["status"] == "diverged" for s in self.summaries)
-
-    def values(self, metric: str) -> list[float]:
-        return [s[metric] for s in self.finished if s.get(metric) is not None]
-
-    def mean_std(self, metric: str) -> tuple[float, float, int]:
-        v = self.values(metric)
-        if not v:
-            return math.nan, math.nan, 0
-        return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else math.nan), len(v)
-
-    def epoch_time(self) -> float:
-        times = [r["epoch_time"] for run in self.metrics for r in run if "epoch_time" in r]
-        return statistics.mean(times) if times else math.nan
+PROTOCOL_KEYS = ("test_acc_running", "test_acc_precise")
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -78,379 +47,105 @@ def _read_metrics(path: Path) -> list[dict]:
 
 
 def collect(study: Study, runs: Path) -> list[PointResult]:
-    """The results of every grid point, in grid order."""
+    """The results of every grid point, in grid order; StudyError if any cell's folder holds a
+    run recorded before the two eval protocols."""
     points: dict[str, PointResult] = {}
+    old: dict[str, int] = {}
     for cell in study.cells:
-        p = points.setdefault(cell.key, PointResult(cell.key, dict(cell.labels), _config(cell)))
+        p = points.setdefault(cell.key, PointResult(cell.key, dict(cell.labels), config_dict(cell.config)))
         d = runs / cell.run_name
         summary_path = d / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        if summary is not None and not set(PROTOCOL_KEYS) <= summary.keys():
+            old[cell.key] = old.get(cell.key, 0) + 1  # whatever its settings: it cannot be read
+            continue
         if summary is not None and summary.get("config") != p.config | {"seed": cell.config.seed}:
             p.mismatched += 1  # made with other settings (the study file changed): not this cell
             summary = None
-        if summary is not None:
-            p.summaries.append(summary)
-            p.metrics.append(_read_metrics(d / "metrics.jsonl"))
-        else:
+        if summary is None:
             p.missing += 1
+            continue
+        p.summaries.append(summary)
+        p.metrics.append(_read_metrics(d / "metrics.jsonl"))
+        p.dirs.append(d)
+        p.seeds.append(cell.config.seed)
+    if old:
+        cells = ", ".join(list(old)[:10]) + (f" and {len(old) - 10} more" if len(old) > 10 else "")
+        quick = " --quick" if study.quick else ""
+        raise StudyError(
+            f"{sum(old.values())} run(s) in {runs}, of cell(s) {cells}, were recorded under the old "
+            f"per-norm eval protocol (no {' or '.join(PROTOCOL_KEYS)}) and are not mixed with the "
+            f"others. Re-run them: move the runs folder aside (mv {runs} {runs}.old-protocol), then "
+            f"exoticnorm run {study.path}{quick} --out {runs}. Nothing was deleted.")
     return list(points.values())
-
-
-def _config(cell: Cell) -> dict[str, Any]:
-    import dataclasses
-
-    return json.loads(json.dumps(dataclasses.asdict(cell.config)))
 
 
 # ---------------------------------------------------------------- numbers → text
 
 
-def _fmt(mean: float, std: float, n: int, digits: int = 4) -> str:
-    if n == 0:
-        return "–"
-    if n == 1 or math.isnan(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def _protocols_differ(points: list[PointResult]) -> bool:
+    return any(p.values("test_acc_running") != p.values("test_acc_precise") for p in points)
 
 
 def table(points: list[PointResult], study: Study) -> str:
-    lines = ["| cell | n | diverged | test acc | train acc | train loss | parameters | s/epoch |",
-             "|---|---|---|---|---|---|---|---|"]
+    """One row per grid point; test accuracy under both protocols when they differ anywhere,
+    else one column."""
+    both = _protocols_differ(points)
+    accs = list(PROTOCOL_KEYS) if both else [acc_key(study)]
+    heads = ["test acc running", "test acc precise"] if both else ["test acc"]
+    lines = ["| cell | n | diverged | " + " | ".join(heads) + " | train acc | train loss | parameters | s/epoch |",
+             "|---" * (7 + len(heads)) + "|"]
     for p in points:
         params = {s.get("parameters") for s in p.finished} - {None}
         lines.append(
             f"| {p.key} | {len(p.finished)}/{len(study.seeds)} | {p.diverged} | "
-            f"{_fmt(*p.mean_std('test_acc'))} | {_fmt(*p.mean_std('train_acc'))} | "
-            f"{_fmt(*p.mean_std('train_loss'))} | {', '.join(map(str, sorted(params))) or '–'} | "
-            f"{p.epoch_time():.1f} |")
+            + " | ".join(fmt(*p.mean_std(k)) for k in accs)
+            + f" | {fmt(*p.mean_std('train_acc'))} | {fmt(*p.mean_std('train_loss'))} | "
+            f"{', '.join(map(str, sorted(params))) or '–'} | {p.epoch_time():.1f} |")
     return "\n".join(lines) + "\n"
 
 
-def _diff(a: PointResult, b: PointResult, metric: str = "test_acc") -> tuple[float, float, float]:
-    """Δ = mean_a − mean_b, its standard error √(s_a²/n_a + s_b²/n_b) and Welch's degrees of
-    freedom (nan where a side has fewer than two runs)."""
-    ma, sa, na = a.mean_std(metric)
-    mb, sb, nb = b.mean_std(metric)
-    if na < 2 or nb < 2:
-        return ma - mb, math.nan, math.nan
-    va, vb = sa**2 / na, sb**2 / nb
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1)) if se > 0 else math.inf
-    return ma - mb, se, df
+def protocol_sentence(points: list[PointResult], study: Study) -> str:
+    """The README's statement of the eval protocol the answer and figures use."""
+    ks = sorted({c.config.precise_stats for c in study.cells})
+    k = str(ks[0]) if len(ks) == 1 else f"{ks[0]}–{ks[-1]} (per cell)"
+    text = f"**Eval protocol:** {PROTOCOLS[protocol(study)].format(k=k)}, the same for every norm"
+    finished = [s for p in points for s in p.finished]
+    if not finished:
+        return text + "."
+    if _protocols_differ(points):
+        return text + "; the table shows test accuracy under both protocols."
+    if all(not s.get("precise_norms") for s in finished):
+        return text + "; no norm here keeps statistics, so both protocols give these numbers."
+    return text + "; both protocols gave the same numbers here."
 
 
-def _verdict(delta: float, se: float, df: float) -> str:
-    """Welch's two-sided t-test at 5%: |Δ| ≤ t_0.975(df)·se reads "no detectable difference"."""
-    if math.isnan(delta):
-        return "not run yet"
-    if math.isnan(se):
-        return "fewer than two runs on a side, no error bar"
-    from scipy.stats import t
-
-    if abs(delta) <= t.ppf(0.975, df) * se:
-        return f"no detectable difference (Welch t-test, 5%, df = {df:.1f})"
-    return "higher" if delta > 0 else "lower"
+def _activation_note(points: list[PointResult], study: Study) -> list[str]:
+    chosen = focus_runs(points, study)
+    lacking = [p.key for p, d in chosen if not (d / "activations.pt").is_file()]
+    if not lacking:
+        return []
+    return [(f"Activation figures: {len(lacking)} of the {len(chosen)} chosen run(s) (seed {study.seeds[0]}: "
+             f"{', '.join(lacking)}) have no activations.pt (recorded before per-batch activations, or "
+             "diverged in their first epoch) and are left out."), ""]
 
 
-def _facets(points: list[PointResult], study: Study) -> dict[str, list[PointResult]]:
-    facet = study.analysis.get("facet")
-    groups: dict[str, list[PointResult]] = {}
+def _results(points: list[PointResult], study: Study) -> list[dict]:
+    pairs = kind_of(study).pairs
+    compared = pairs(points, study) if pairs else {}
+    out = []
     for p in points:
-        groups.setdefault(p.labels.get(facet, "all") if facet else "all", []).append(p)
-    return groups
-
-
-def _x(p: PointResult, study: Study) -> float:
-    return float(p.config[study.analysis["x"]])
-
-
-def _converged(p: PointResult, min_train_acc: float) -> bool:
-    return (p.missing == 0 and p.diverged == 0 and bool(p.finished)
-            and all(s["train_acc"] >= min_train_acc for s in p.finished))
-
-
-def answer(points: list[PointResult], study: Study) -> str:
-    kind = study.analysis.get("kind", "compare")
-    if not any(p.finished for p in points):
-        return "No finished runs yet: run the study first (`exoticnorm run`)."
-    lines = []
-    if kind == "compare":
-        ref_key = study.analysis.get("reference", points[0].key)
-        ref = next((p for p in points if p.key == ref_key), None)
-        if ref is None:
-            raise StudyError(f"{study.path}: analysis.reference {ref_key!r} is not a cell; the cells are "
-                             f"{', '.join(p.key for p in points)}")
-        ranked = sorted((p for p in points if p.finished), key=lambda p: -p.mean_std("test_acc")[0])
-        best = ranked[0]
-        lines.append(f"Highest mean test accuracy: **{best.key}** ({_fmt(*best.mean_std('test_acc'))}, "
-                     f"n = {len(best.finished)}). Against the reference **{ref.key}** "
-                     f"({_fmt(*ref.mean_std('test_acc'))}):")
-        lines.append("")
-        for p in ranked:
-            if p is ref:
-                continue
-            d, se, df = _diff(p, ref)
-            extra = ""
-            pa, pr = p.finished[0].get("parameters"), ref.finished[0].get("parameters") if ref.finished else None
-            if pa and pr and pa != pr:
-                extra = f"; {pa - pr:+d} parameters ({pa} vs {pr})"
-            se_txt = "" if math.isnan(se) else f" ± {se:.4f} (se)"
-            lines.append(f"- {p.key}: Δ = {d:+.4f}{se_txt}: {_verdict(d, se, df)}{extra}"
-                         + (f"; {p.diverged} run(s) diverged" if p.diverged else ""))
-    elif kind == "lr":
-        min_acc = float(study.analysis.get("min_train_acc", 0.5))
-        lines.append(f"Converged = every seed finished without divergence with train accuracy ≥ {min_acc}.")
-        lines.append("")
-        lines.append("| norm | largest converging lr | best lr | test acc at best lr | diverged (runs) |")
-        lines.append("|---|---|---|---|---|")
-        for facet, group in _facets(points, study).items():
-            ok = [p for p in group if _converged(p, min_acc)]
-            largest = max((_x(p, study) for p in ok), default=None)
-            scored = [p for p in group if p.finished]
-            best = max(scored, key=lambda p: p.mean_std("test_acc")[0]) if scored else None
-            lines.append(f"| {facet} | {largest if largest is not None else 'none'} | "
-                         f"{_x(best, study) if best else '–'} | "
-                         f"{_fmt(*best.mean_std('test_acc')) if best else '–'} | "
-                         f"{sum(p.diverged for p in group)} |")
-    elif kind == "batch":
-        facets = _facets(points, study)
-        xs = sorted({_x(p, study) for p in points})
-        lines.append("Test accuracy, mean ± std over seeds, per norm (rows) and batch size (columns):")
-        lines.append("")
-        lines.append("| norm | " + " | ".join(f"{x:g}" for x in xs) + " |")
-        lines.append("|---" * (len(xs) + 1) + "|")
-        for facet, group in facets.items():
-            by_x = {_x(p, study): p for p in group}
-            lines.append(f"| {facet} | " + " | ".join(
-                _fmt(*by_x[x].mean_std("test_acc"), digits=3) if x in by_x else "–" for x in xs) + " |")
-        ref_name = study.analysis.get("reference")
-        for x in (xs[0], xs[-1]):
-            at_x = {f: next((p for p in g if _x(p, study) == x and p.finished), None) for f, g in facets.items()}
-            at_x = {f: p for f, p in at_x.items() if p is not None}
-            if not at_x:
-                continue
-            best = max(at_x, key=lambda f: at_x[f].mean_std("test_acc")[0])
-            lines.append("")
-            lines.append(f"At batch size {x:g} the best is **{best}** ({_fmt(*at_x[best].mean_std('test_acc'))}).")
-            if ref_name in at_x:
-                for f, p in at_x.items():
-                    if f != ref_name:
-                        d, se, df = _diff(p, at_x[ref_name])
-                        se_txt = "" if math.isnan(se) else f" ± {se:.4f} (se)"
-                        lines.append(f"- {f} vs {ref_name}: Δ = {d:+.4f}{se_txt}: {_verdict(d, se, df)}")
-    else:
-        raise StudyError(f"{study.path}: analysis.kind must be compare, lr or batch, got {kind!r}")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- figures
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out: Path, name: str) -> list[str]:
-    names = []
-    for ext in FIGURE_FORMATS:
-        meta = {"CreationDate": None} if ext == "pdf" else {}  # same figure, same file
-        fig.savefig(out / f"{name}.{ext}", dpi=120, bbox_inches="tight", metadata=meta)
-        names.append(f"{name}.{ext}")
-    _plt().close(fig)
-    return names
-
-
-def _per_epoch(p: PointResult, metric: str) -> tuple[list[int], list[float], list[float]]:
-    """Mean and std over the finished seeds, per epoch (epochs all of them reached)."""
-    runs = [r for r, s in zip(p.metrics, p.summaries) if s["status"] == "finished" and r]
-    if not runs:
-        return [], [], []
-    n = min(len(r) for r in runs)
-    means, stds = [], []
-    for e in range(n):
-        v = [r[e][metric] for r in runs]
-        means.append(statistics.mean(v))
-        stds.append(statistics.stdev(v) if len(v) > 1 else 0.0)
-    return list(range(1, n + 1)), means, stds
-
-
-def _grid_axes(n: int, width: float = 4.0, height: float = 3.2):
-    plt = _plt()
-    cols = min(n, 4)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, sharey=True,
-                             layout="constrained")
-    flat = [a for row in axes for a in row]
-    for a in flat[n:]:
-        a.set_visible(False)
-    return fig, flat[:n]
-
-
-def _integer_x(ax) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _short(p: PointResult, study: Study) -> str:
-    facet = study.analysis.get("facet")
-    rest = [label for axis, label in p.labels.items() if axis != facet]
-    return "_".join(rest) or p.key
-
-
-def fig_curves(points: list[PointResult], study: Study, out: Path) -> list[str]:
-    """Test (solid, ±std band) and train (dashed) accuracy per epoch, one panel per facet."""
-    groups = {k: [p for p in v if p.finished] for k, v in _facets(points, study).items()}
-    groups = {k: v for k, v in groups.items() if v}
-    if not groups:
-        return []
-    fig, axes = _grid_axes(len(groups))
-    cmap = _plt().get_cmap("viridis" if study.analysis.get("kind") in ("lr", "batch") else "tab10")
-    for ax, (facet, group) in zip(axes, groups.items()):
-        for i, p in enumerate(group):
-            color = cmap(i / max(1, len(group) - 1)) if cmap.N > 20 else cmap(i % 10)
-            ep, m, s = _per_epoch(p, "test_acc")
-            if not ep:
-                continue
-            ax.plot(ep, m, color=color, label=_short(p, study))
-            ax.fill_between(ep, [a - b for a, b in zip(m, s)], [a + b for a, b in zip(m, s)], color=color, alpha=0.2)
-            ep, m, _ = _per_epoch(p, "train_acc")
-            ax.plot(ep, m, color=color, linestyle="--", linewidth=0.8)
-        ax.set_title(facet if facet != "all" else study.name)
-        ax.set_xlabel("epoch")
-        _integer_x(ax)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("accuracy (test solid, train dashed)")
-    fig.suptitle(f"{study.name}: accuracy per epoch (mean ± std over seeds)")
-    return _save(fig, out, "accuracy_per_epoch")
-
-
-def fig_final_vs_x(points: list[PointResult], study: Study, out: Path) -> list[str]:
-    """Final test accuracy against the study's x (lr or batch size), one line per facet;
-    ✕ marks a point where a run diverged, the dotted line the largest converging lr."""
-    if "x" not in study.analysis:
-        return []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    min_acc = float(study.analysis.get("min_train_acc", 0.5))
-    for i, (facet, group) in enumerate(_facets(points, study).items()):
-        color = plt.get_cmap("tab10")(i % 10)
-        xs, ms, ss = [], [], []
-        for p in sorted(group, key=lambda p: _x(p, study)):
-            m, s, n = p.mean_std("test_acc")
-            if n:
-                xs.append(_x(p, study)), ms.append(m), ss.append(0.0 if math.isnan(s) else s)
-            if p.diverged:
-                ax.scatter([_x(p, study)], [0.0], marker="x", color=color, s=50)
-        ax.errorbar(xs, ms, yerr=ss, color=color, marker="o", markersize=3, capsize=2, label=facet)
-        if study.analysis.get("kind") == "lr":
-            ok = [_x(p, study) for p in group if _converged(p, min_acc)]
-            if ok:
-                ax.axvline(max(ok), color=color, linestyle=":", linewidth=1)
-    ax.set_xscale("log", base=2 if study.analysis["x"] == "batch_size" else 10)
-    ax.set_xlabel(study.analysis["x"])
-    ax.set_ylabel("final test accuracy")
-    ax.set_ylim(-0.03, 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    title = "final test accuracy"
-    if study.analysis.get("kind") == "lr":
-        title += " (✕ at 0: a run diverged; dotted: largest converging lr)"
-    ax.set_title(title, fontsize=10)
-    return _save(fig, out, f"accuracy_vs_{study.analysis['x']}")
-
-
-def fig_activations(points: list[PointResult], study: Study, out: Path) -> list[str]:
-    """Each norm layer's output mean (top) and std (bottom) per epoch (seed means)."""
-    focus = study.analysis.get("focus", {})
-    chosen = [p for p in points if p.finished and all(p.labels.get(a) == l for a, l in focus.items())]
-    sites: list[str] = []
-    for p in chosen:
-        for run in p.metrics:
-            for k in (run[0] if run else {}):
-                if k.startswith("act/") and k.endswith("/mean") and k.split("/")[1] not in sites:
-                    sites.append(k.split("/")[1])
-    if not chosen or not sites:
-        return []
-    plt = _plt()
-    fig, axes = plt.subplots(2, len(sites), figsize=(3.6 * len(sites), 5.5), squeeze=False, layout="constrained")
-    for i, p in enumerate(chosen):
-        color = plt.get_cmap("tab10")(i % 10)
-        for j, site in enumerate(sites):
-            for row, stat in enumerate(("mean", "std")):
-                ep, m, _ = _per_epoch(p, f"act/{site}/{stat}") if all(
-                    f"act/{site}/{stat}" in r for run in p.metrics for r in run) else ([], [], [])
-                if ep:
-                    axes[row][j].plot(ep, m, color=color, marker=".", label=p.key)
-                axes[row][j].set_title(f"{site} output {stat}", fontsize=9)
-                axes[row][j].grid(alpha=0.3)
-                _integer_x(axes[row][j])
-    for j in range(len(sites)):
-        axes[1][j].set_xlabel("epoch")
-    axes[0][0].legend(fontsize=7)
-    where = ", ".join(f"{a} = {l}" for a, l in focus.items())
-    fig.suptitle(f"{study.name}: norm-layer output mean and std in training (epoch averages)"
-                 + (f", {where}" if where else ""))
-    return _save(fig, out, "activations")
-
-
-def fig_sweeps(points: list[PointResult], study: Study, out: Path) -> list[str]:
-    """Test accuracy against a norm option (group size, density), reference as a band."""
-    names = []
-    ref_key = study.analysis.get("reference")
-    ref = next((p for p in points if p.key == ref_key and p.finished), None)
-    for sweep in study.analysis.get("sweeps", []):
-        norm, option = sweep["norm"], sweep["option"]
-        chosen = sorted((p for p in points if p.config["norm"] == norm and option in p.config["norm_opts"]
-                         and p.finished), key=lambda p: p.config["norm_opts"][option])
-        if not chosen:
-            continue
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        xs = [p.config["norm_opts"][option] for p in chosen]
-        ms = [p.mean_std("test_acc")[0] for p in chosen]
-        ss = [0.0 if math.isnan(p.mean_std("test_acc")[1]) else p.mean_std("test_acc")[1] for p in chosen]
-        ax.errorbar(xs, ms, yerr=ss, marker="o", capsize=3, label=norm)
-        if ref is not None:
-            m, s, _ = ref.mean_std("test_acc")
-            s = 0.0 if math.isnan(s) else s
-            ax.axhline(m, color="gray", linestyle="--", label=f"{ref.key} (± std band)")
-            ax.axhspan(m - s, m + s, color="gray", alpha=0.2)
-        if option == "group_size":
-            ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"{norm} {option}")
-        ax.set_ylabel("final test accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title(f"test accuracy vs {option} (mean ± std)", fontsize=10)
-        names += _save(fig, out, f"accuracy_vs_{option}")
-    return names
-
-
-def fig_epoch_time(points: list[PointResult], study: Study, out: Path) -> list[str]:
-    """Mean seconds per epoch (training + evaluation) per grid point."""
-    timed = [p for p in points if not math.isnan(p.epoch_time())]
-    if not timed:
-        return []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 0.25 * len(timed) + 1.2), layout="constrained")
-    facet = study.analysis.get("facet")
-    names = list(dict.fromkeys(p.labels.get(facet, "") for p in timed)) if facet else [""]
-    colors = [_plt().get_cmap("tab10")(names.index(p.labels.get(facet, "") if facet else "") % 10) for p in timed]
-    ax.barh([p.key for p in timed], [p.epoch_time() for p in timed], color=colors)
-    ax.invert_yaxis()
-    ax.set_xlabel("seconds per epoch (mean over epochs and seeds)")
-    ax.tick_params(axis="y", labelsize=7)
-    ax.grid(axis="x", alpha=0.3)
-    ax.set_title(f"{study.name}: seconds per epoch (training + evaluation; the machine's load counts)",
-                 fontsize=9)
-    return _save(fig, out, "epoch_time")
+        entry = {"cell": p.key, "labels": p.labels, "config": p.config, "n": len(p.finished),
+                 "diverged": p.diverged, "missing": p.missing,
+                 "seeds": [seed for seed, s in zip(p.seeds, p.summaries) if s["status"] == "finished"],
+                 "protocol": protocol(study), "test_acc": p.values(acc_key(study)),
+                 **{k: p.values(k) for k in PROTOCOL_KEYS},
+                 "train_acc": p.values("train_acc"), "epoch_time": p.epoch_time()}
+        if p.key in compared:
+            ref = compared[p.key]
+            entry["vs_reference"] = {"reference": ref.key, **difference(p, ref, study).as_dict()}
+        out.append(entry)
+    return out
 
 
 # ---------------------------------------------------------------- the report
@@ -464,7 +159,7 @@ def make_report(study: Study, runs: Path, out: Path, echo: Callable[[str], None]
     points = collect(study, runs)
     out.mkdir(parents=True, exist_ok=True)
     figures = []
-    for make in (fig_curves, fig_final_vs_x, fig_sweeps, fig_activations, fig_epoch_time):
+    for make in (fig_curves, *kind_of(study).figures, fig_activations, fig_epoch_time):
         figures += make(points, study, out)
     n_runs = sum(len(p.summaries) for p in points)
     missing = sum(p.missing for p in points)
@@ -480,6 +175,8 @@ def make_report(study: Study, runs: Path, out: Path, echo: Callable[[str], None]
         "",
         answer(points, study),
         *([f"**Reading it.** {' '.join(study.notes.split())}", ""] if study.notes else []),
+        protocol_sentence(points, study),
+        "",
         f"{n_runs} runs over seeds {study.seeds}" + (f"; {missing} not run yet" if missing else "")
         + (f" ({mismatched} folders hold runs made with other settings, left out)" if mismatched else "")
         + f"; {', '.join(envs)}. Mean ± sample std over seeds; n = finished runs.",
@@ -496,15 +193,12 @@ def make_report(study: Study, runs: Path, out: Path, echo: Callable[[str], None]
         table(points, study),
         "## Figures",
         "",
+        *_activation_note(points, study),
     ]
     md += [f"![{name}]({name})" for name in figures if name.endswith(".png")]
     readme = out / "README.md"
     readme.write_text("\n".join(md) + "\n")
-    results = [{"cell": p.key, "labels": p.labels, "config": p.config, "n": len(p.finished),
-                "diverged": p.diverged, "missing": p.missing,
-                "test_acc": p.values("test_acc"), "train_acc": p.values("train_acc"),
-                "epoch_time": p.epoch_time()} for p in points]
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(_results(points, study), indent=2) + "\n")
     echo(f"{study.name}: {n_runs} runs, {len(figures)} figure files in {out}")
     return readme
 
@@ -536,7 +230,8 @@ def wandb_report_for(study: Study, echo: Callable[[str], None] = print, save: bo
 
 def build_wandb_report(study: Study, wr, entity: str | None = None, project: str | None = None):
     """The report object: the question, then panels over the study's runs (wandb config
-    ``study`` = the study's group), grouped by the grid axes, mean ± std over seeds."""
+    ``study`` = the study's group), grouped by the grid axes, mean ± std over seeds; test
+    accuracy under the study's protocol."""
     from wandb_workspaces import expr
 
     project = project or os.environ.get("WANDB_PROJECT", "exoticnorm")
@@ -545,10 +240,10 @@ def build_wandb_report(study: Study, wr, entity: str | None = None, project: str
                        filters=[expr.Config("study") == study.run_dir_name], groupby=list(study.axes))
     agg = {"groupby_aggfunc": "mean", "groupby_rangefunc": "stddev"}
     panels = [wr.LinePlot(title=f"{metric} per epoch", x="Step", y=[metric], **agg)
-              for metric in ("test_acc", "train_acc", "train_loss", "epoch_time")]
+              for metric in (acc_key(study), "train_acc", "train_loss", "epoch_time")]
     if "x" in study.analysis:
-        panels.append(wr.ScatterPlot(title=f"test accuracy vs {study.analysis['x']}",
-                                     x=wr.Config(study.analysis["x"]), y=wr.SummaryMetric("test_acc"),
+        panels.append(wr.ScatterPlot(title=f"test accuracy ({protocol(study)}) vs {study.analysis['x']}",
+                                     x=wr.Config(study.analysis["x"]), y=wr.SummaryMetric(acc_key(study)),
                                      log_x=True))
     question = " ".join(study.question.split())
     return wr.Report(project=project, entity=entity, title=f"exoticnorm study: {study.run_dir_name}",

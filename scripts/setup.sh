@@ -16,7 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   quiet_pip .venv/bin/python -m pip install -q --disable-pip-version-check \
     -c scripts/constraints.txt torch torchvision
   quiet_pip .venv/bin/python -m pip install -q --disable-pip-version-check \
-    -c scripts/constraints.txt -e '.[test,bench,report,ray,slurm]'
+    -c scripts/constraints.txt -e '.[test,bench,report,ray,slurm,paper]'
   echo "setup: building the PIT and whitening CPU kernels (C++, about a minute; the norms fall back to torch ops without them)"
   .venv/bin/python -c "from exoticnorm.kernels import pit_cpu, whiten_cpu; pit_cpu(); whiten_cpu()" || true
   echo "$want" > "$stamp"

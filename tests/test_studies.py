@@ -1,7 +1,6 @@
 """Study grids (studies/*.toml), `exoticnorm run`/`run-cell`/`report`, on fake and real data."""
 
 import json
-import math
 import os
 import statistics
 from pathlib import Path
@@ -11,10 +10,11 @@ import yaml
 from click.testing import CliRunner
 
 from exoticnorm import data
+from exoticnorm.analysis import KINDS
 from exoticnorm.cli import main
 from exoticnorm.grid import StudyError, load_study, parse_shard
-from exoticnorm.report import (PointResult, _diff, _verdict, answer, build_wandb_report, collect,
-                               wandb_report_for)
+from exoticnorm.points import PROTOCOLS
+from exoticnorm.report import build_wandb_report, collect, wandb_report_for
 from exoticnorm.runner import cell_state, run_cells, select_shard
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
@@ -68,7 +68,8 @@ def test_every_required_study_exists_and_loads(quick):
         study = load_study(STUDIES / f"{name}.toml", quick=quick)
         assert len(study.question) > 40, name  # the question is written at the top
         assert study.cells and len(study.cells) == len(study.points()) * len(study.seeds)
-        assert study.analysis.get("kind") in ("compare", "lr", "batch")
+        assert study.analysis.get("kind") in KINDS
+        assert study.analysis["protocol"] in PROTOCOLS, name  # stated in every study file
         if not quick:
             assert len(study.seeds) >= 3, name
         else:
@@ -107,6 +108,7 @@ def test_lr_region_grid_is_log_spaced_from_0_01_to_30_over_every_exotic_norm():
     ('question = "q"\n[analysis]\nkind = "lr"', "needs analysis.x"),
     ('question = "q"\n[analysis]\nkind = "best"', "analysis.kind must be"),
     ('question = "q"\n[analysis]\nkind = "lr"\nx = "rate"', "analysis.x must be a setting"),
+    ('question = "q"\n[analysis]\nprotocol = "exact"', "analysis.protocol must be one of precise, running"),
     ('question = "q"\n[analysis]\nreference = "zz"\n[grid]\nnorm = ["bn"]', "analysis.reference 'zz'"),
     ('question = "q"\n[analysis]\nfacet = "zz"\n[grid]\nnorm = ["bn"]', "analysis.facet must be a grid axis"),
     ('question = "q"\n[base]\nlr = 0.2\n[grid]\na = [{label = "x", lr = 0.1}]\nb = [{label = "y", lr = 0.3}]',
@@ -221,51 +223,7 @@ def test_sweep_export_and_run_cell(tmp_path, tiny, fake_data, monkeypatch):
     assert config["parameters"]["seed"] == {"values": [0, 1, 2, 3]} and "--seeds=4" in config["command"]
 
 
-# ------------------------------------------------------------------ reports
-
-
-def _point(key, accs, labels=None, config=None, diverged=0, params=100):
-    p = PointResult(key, labels or {}, config or {})
-    for a in accs:
-        p.summaries.append({"status": "finished", "test_acc": a, "train_acc": a, "parameters": params})
-    p.summaries += [{"status": "diverged"}] * diverged
-    return p
-
-
-def test_compare_answer_states_difference_and_standard_error(tiny):
-    study = load_study(tiny)
-    study.analysis = {"kind": "compare", "reference": "ref"}
-    ref, same, worse = [0.80, 0.81, 0.82], [0.805, 0.815, 0.80], [0.70, 0.71, 0.72]
-    text = answer([_point("ref", ref), _point("same", same, params=90), _point("worse", worse)], study)
-    se = math.sqrt(statistics.variance(worse) / 3 + statistics.variance(ref) / 3)
-    assert f"Δ = {statistics.mean(worse) - statistics.mean(ref):+.4f} ± {se:.4f} (se): lower" in text
-    # Welch: equal variances and n = 3 on both sides give df = 4, t_0.975 = 2.776
-    a, b = _point("a", [0.0, 0.1, 0.2]), _point("b", [0.2, 0.3, 0.4])
-    d, se, df = _diff(a, b)
-    assert df == pytest.approx(4.0) and se == pytest.approx(math.sqrt(2 * 0.01 / 3))
-    assert _verdict(d, se, df).startswith("no detectable")  # |Δ| = 0.2 ≤ 2.776 · 0.0816 = 0.227
-    assert _verdict(-0.3, se, df) == "lower" and _verdict(0.23, se, df) == "higher"
-    assert "same: Δ = " in text and "no detectable difference" in text and "-10 parameters" in text
-    assert "Highest mean test accuracy: **ref**" in text
-    with pytest.raises(StudyError, match="analysis.reference"):
-        study.analysis["reference"] = "missing"
-        answer([_point("ref", ref)], study)
-
-
-def test_lr_answer_finds_the_largest_converging_lr(tiny):
-    study = load_study(tiny)
-    study.analysis.update(min_train_acc=0.5)
-    pts = [
-        _point("bn_a", [0.8, 0.8], {"norm": "bn"}, {"lr": 0.1}),
-        _point("bn_b", [0.85, 0.9], {"norm": "bn"}, {"lr": 1.0}),
-        _point("bn_c", [0.3, 0.9], {"norm": "bn"}, {"lr": 10.0}),  # one seed below 0.5
-        _point("none_a", [0.6, 0.6], {"norm": "none"}, {"lr": 0.1}),
-        _point("none_b", [0.7], {"norm": "none"}, {"lr": 1.0}, diverged=1),
-    ]
-    text = answer(pts, study)
-    assert "| bn | 1.0 | 10.0 |" not in text  # bn_c does not count as converged
-    assert "| bn | 1.0 | 1.0 | 0.8750 ± 0.0354 | 0 |" in text
-    assert "| none | 0.1 | 1.0 | 0.7000 | 1 |" in text
+# ------------------------------------------------------------------ reports (on fake runs: test_report.py)
 
 
 def test_report_end_to_end_on_fake_data(tmp_path, tiny, fake_data):
@@ -277,16 +235,20 @@ def test_report_end_to_end_on_fake_data(tmp_path, tiny, fake_data):
     assert result.exit_code == 0, result.output
     readme = (out / "README.md").read_text()
     assert "a tiny study on fake data" in readme and "largest converging lr" in readme
-    for name in ("accuracy_per_epoch", "accuracy_vs_lr", "activations", "epoch_time"):
+    for name in ("accuracy_per_epoch", "accuracy_vs_lr", "activations_first_batches", "activations_per_batch",
+                 "activations_histogram", "activations_saturated", "epoch_time"):
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
         assert f"({name}.png)" in readme
     results = {r["cell"]: r for r in json.loads((out / "results.json").read_text())}
     assert results["bn_lr-0.05"]["n"] == 2 and len(results["bn_lr-0.05"]["test_acc"]) == 2
+    assert results["bn_lr-0.05"]["test_acc"] == results["bn_lr-0.05"]["test_acc_precise"]
     assert results["none_lr-10000000.0"]["diverged"] == 2
     # the table's mean ± std is the statistics of the runs' summaries
-    accs = [json.loads((runs / f"bn_lr-0.05-s{s}" / "summary.json").read_text())["test_acc"] for s in (0, 1)]
-    assert f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}" in readme
+    for key in ("test_acc_running", "test_acc_precise"):  # bn keeps statistics: both columns
+        accs = [json.loads((runs / f"bn_lr-0.05-s{s}" / "summary.json").read_text())[key] for s in (0, 1)]
+        assert f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}" in readme
+    assert "**Eval protocol:** precise statistics from up to 100 training batches" in readme
     # a runs folder works as the source too
     assert cli("report", runs, "--out", tmp_path / "again").exit_code == 0
     assert "no runs folder" in cli("report", tiny, "--runs", tmp_path / "nothing", "--out", out).output
@@ -303,7 +265,7 @@ def test_wandb_report_offline_says_how_to_sync_and_builds_panels_online(tiny, mo
     grid = report.blocks[-1]
     assert grid.runsets[0].groupby == ["norm", "lr"]
     assert "tiny" in str(grid.runsets[0].filters)
-    assert {p.title for p in grid.panels} >= {"test_acc per epoch", "test accuracy vs lr"}
+    assert {p.title for p in grid.panels} >= {"test_acc_precise per epoch", "test accuracy (precise) vs lr"}
     # saving needs a login and the network: the boundary we stop at
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     with pytest.raises(Exception, match="(?i)log"):
