@@ -2,7 +2,7 @@
 and recomputes, the hashes of its inputs match, and the study selection rules hold.
 
 The checks (``untraced``, ``stale_sources``) are written here independently of
-exoticnorm/paper.py: they parse paper.md, provenance.json and sources.json and recompute each
+exoticnorm/paper/: they parse paper.md, provenance.json and sources.json and recompute each
 number from its source file themselves. They run on the committed paper/ (skipped while there
 is none) and on a synthetic studies folder, where tampering shows that they fail.
 """

@@ -1,0 +1,379 @@
+"""The Writer: paper.md, section by section, every number through one Ledger."""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from pathlib import Path
+from typing import Any
+
+from .ledger import Ledger, lookup
+from .sources import RUNS_NOTE, Excluded, StudyData, read_toml, rel, study_commands
+from .text import INTRO, LITERATURE_TEXT, METHODS
+
+PROTOCOL_KEYS = {"precise": "test_acc_precise", "running": "test_acc_running"}
+
+
+def _maybe(doc: Any, key: str) -> Any:
+    try:
+        return lookup(doc, key)
+    except (KeyError, IndexError):
+        return None
+
+
+def _cells_str(names: list[str]) -> str:
+    return ", ".join(f"`{n}`" for n in names) if names else "none"
+
+
+class Writer:
+    """The paper's markdown, built from the studies through one Ledger."""
+
+    def __init__(self, studies: Path, link_dir: Path, root: Path, found: list[StudyData],
+                 excluded: list[Excluded], protocol: str, literature: Path) -> None:
+        # link_dir: where paper.md will be read from (figure links, the --out of the commands)
+        self.studies, self.link_dir, self.root = studies, link_dir, root
+        self.found, self.excluded, self.protocol = found, excluded, protocol
+        self.lit_path = literature
+        self.lit = read_toml(literature)
+        self.claims = {c["id"]: c for c in self.lit.get("claim", [])}
+        self.ledger = Ledger(root)
+        self.L = self.ledger
+
+    # -- small pieces
+
+    def ci_level(self) -> str:
+        return self.L.define("95%", "confidence level of Welch's intervals (stats.welch level)",
+                             code="exoticnorm.stats:welch.level", scale=100, suffix="%")
+
+    def mean_std(self, s: StudyData, cell: str, key: str, digits: int = 4) -> str:
+        c = s.cell(cell)
+        values = c.get(key) or []
+        if not values:
+            return "–"
+        mean = self.L.num(s, cell, key, "mean", f".{digits}f", f"mean over seeds of {key}")
+        if len(values) < 2:
+            return mean
+        return f"{mean} ± {self.L.num(s, cell, key, 'std', f'.{digits}f', f'sample std over seeds of {key}')}"
+
+    def delta(self, s: StudyData, cell: str) -> tuple[str, str, str]:
+        vs = s.cell(cell).get("vs_reference") or {}
+        d = self.L.num(s, cell, "vs_reference.delta", fmt="+.4f") if vs.get("delta") is not None else "–"
+        if vs.get("ci_low") is None:
+            return d, "–", "–"
+        ci = (f"[{self.L.num(s, cell, 'vs_reference.ci_low', fmt='+.4f')}, "
+              f"{self.L.num(s, cell, 'vs_reference.ci_high', fmt='+.4f')}]")
+        return d, ci, self.L.num(s, cell, "vs_reference.p", fmt=".2g")
+
+    def acc_key(self) -> str:
+        return PROTOCOL_KEYS[self.protocol]
+
+    def other_protocol(self, s: StudyData) -> str | None:
+        """The other protocol's key when its values differ anywhere in the study."""
+        other = next(k for p, k in PROTOCOL_KEYS.items() if p != self.protocol)
+        return other if any(c.get(other) != c.get("test_acc") for c in s.cells) else None
+
+    def verdict(self, s: StudyData) -> dict[str, list[str]]:
+        groups: dict[str, list[str]] = {"higher": [], "lower": [], "no detectable difference": [],
+                                        "not tested (one run on a side)": []}
+        for c in s.cells:
+            vs = c.get("vs_reference")
+            if not vs or not c["n"]:
+                continue
+            if vs.get("ci_low") is None:
+                groups["not tested (one run on a side)"].append(c["cell"])
+            elif vs["ci_low"] > 0:
+                groups["higher"].append(c["cell"])
+            elif vs["ci_high"] < 0:
+                groups["lower"].append(c["cell"])
+            else:
+                groups["no detectable difference"].append(c["cell"])
+        return groups
+
+    def ranked(self, s: StudyData) -> list[dict]:
+        return sorted((c for c in s.cells if c.get("test_acc")), key=lambda c: -statistics.mean(c["test_acc"]))
+
+    def values(self, s: StudyData, key: str, fmt: str = "g", many: int = 3) -> str:
+        """The distinct values of config ``key`` over the study's cells: each, or min–max."""
+        vals = [_maybe(c, key) for c in s.cells]
+        distinct = list(dict.fromkeys(v for v in vals if v is not None))
+        if not distinct:
+            return "all" if key == "config.limit_train" else "–"
+        if len(distinct) > many and all(isinstance(v, (int, float)) for v in distinct):
+            return f"{self.L.num(s, '*', key, 'min', fmt)}–{self.L.num(s, '*', key, 'max', fmt)}"
+        out = []
+        for v in distinct:
+            first = next(c["cell"] for c in s.cells if _maybe(c, key) == v)
+            out.append(self.L.num(s, first, key, "value", fmt) if isinstance(v, (int, float)) and
+                       not isinstance(v, bool) else str(v))
+        return ", ".join(out) + (" or all" if None in vals and key == "config.limit_train" else "")
+
+    def study_ref(self, s: StudyData) -> str:
+        return f"`{s.name}`"
+
+    # -- sections
+
+    def abstract(self) -> list[str]:
+        norms = sorted({c["config"].get("norm") for s in self.found for c in s.cells} - {None})
+        n = len(self.found)
+        text = (f"We train small networks on FashionMNIST with the normalization layers {_cells_str(norms)} "
+                f"in {n} {'study' if n == 1 else 'studies'}, each a grid of settings over seeds, every test "
+                f"accuracy evaluated "
+                f"under one protocol ({self.protocol} statistics). For each cell we give the mean and sample "
+                f"standard deviation over seeds and, against the study's reference, the difference of means "
+                f"with Welch's {self.ci_level()} confidence interval. Per study, the finished runs and the "
+                f"cell with the best mean test accuracy:")
+        lines = [text, ""]
+        for s in self.found:
+            runs = self.L.num(s, "*", "n", "sum", "d", "finished runs (sum of n over cells)")
+            best = self.ranked(s)
+            if not best:
+                lines.append(f"- {self.study_ref(s)} ({runs} runs): no finished run yet.")
+                continue
+            lines.append(f"- {self.study_ref(s)} ({runs} runs): `{best[0]['cell']}`, "
+                         f"{self.mean_std(s, best[0]['cell'], 'test_acc')}.")
+        if self.excluded:
+            lines += ["", f"Not included: {len(self.excluded)} folder(s) of the studies directory "
+                          f"({', '.join(f'`{e.name}`' for e in self.excluded)}); see the section Not included."]
+        return ["## Abstract", "", *lines, ""]
+
+    def intro(self) -> list[str]:
+        lines = ["## Introduction", "", INTRO, ""]
+        norms = {s.name: {c["config"].get("norm") for c in s.cells} for s in self.found}
+        topics = [("the PIT norm", {"pit"}), ("full-rank whitening", {"zca"}),
+                  ("compact whitening", {"block-zca", "monarch-zca", "circulant-zca"}),
+                  ("sparsified whitening", {"sparse-zca"})]
+        lines.append("Which included studies hold cells for the research ideas:")
+        lines.append("")
+        for topic, wanted in topics:
+            where = [n for n, have in norms.items() if have & wanted]
+            lines.append(f"- {topic}: {', '.join(f'`{w}`' for w in where) or 'no included study'}.")
+        return lines + [""]
+
+    def methods(self) -> list[str]:
+        return ["## Methods", "", METHODS, ""]
+
+    def protocol_section(self) -> list[str]:
+        from ..points import PROTOCOLS
+
+        lines = ["## Protocol", "",
+                 "Data: FashionMNIST (`exoticnorm/data.py`), the training images per epoch as the configs "
+                 "set them (all, or the first N), evaluated on the test set. The settings below are read "
+                 "from the configs recorded in each study's results.json.", "",
+                 "| study | model | norm sites | activation | optimizer | lr | batch size | weight decay "
+                 "| epochs | training images | seeds |", "|---" * 11 + "|"]
+        for s in self.found:
+            limit = self.values(s, "config.limit_train", "d")
+            lines.append(
+                f"| {self.study_ref(s)} | {self.values(s, 'config.model')} | {self.values(s, 'config.norm_layers')} "
+                f"| {self.values(s, 'config.activation')} | {self.values(s, 'config.optimizer')} "
+                f"| {self.values(s, 'config.lr')} | {self.values(s, 'config.batch_size', 'd')} "
+                f"| {self.values(s, 'config.weight_decay')} | {self.values(s, 'config.epochs', 'd')} "
+                f"| {limit} | {self.L.num(s, s.cells[0]['cell'], '', 'runs', 'd')} |")
+        text = PROTOCOLS[self.protocol].format(k="K")
+        if self.protocol == "precise":
+            ks = ", ".join(self.values(s, "config.precise_stats", "d") for s in self.found)
+            text += f" (as in [precise]; K = {ks}, per study in the order above)"
+        lines += ["", f"Evaluation: every norm in every study is evaluated the same way, with {text}. "
+                      "Optimizers: `sgd` is plain SGD, `momentum` SGD with momentum (`exoticnorm/train.py`).", "",
+                  f"Statistics: mean ± sample standard deviation over the finished seeds (n); Δ = mean − "
+                  f"mean of the reference, with Welch's t-test [welch] (unequal variances, Welch–Satterthwaite "
+                  f"degrees of freedom), its {self.ci_level()} confidence interval and two-sided p "
+                  "(`exoticnorm/stats.py`). A difference is called detectable when the interval excludes "
+                  "zero; with one run on a side there is no test. No correction for multiple comparisons.", ""]
+        return lines
+
+    def results(self) -> list[str]:
+        lines = ["## Results", ""]
+        for s in self.found:
+            lines += self.study_section(s)
+        return lines
+
+    def study_section(self, s: StudyData) -> list[str]:
+        question = " ".join(s.spec.get("question", "").split())
+        kind = s.analysis.get("kind", "compare")
+        lines = [f"### Study {self.study_ref(s)}", "",
+                 f"**Question.** {self.L.quote(question, s.toml_path, 'question')}", ""]
+        missing = sum(c["missing"] for c in s.cells)
+        diverged = sum(c["diverged"] for c in s.cells)
+        status = (f"Runs: {self.L.num(s, '*', 'n', 'sum', 'd')} finished, "
+                  f"{self.L.num(s, '*', 'diverged', 'sum', 'd')} diverged")
+        if missing:
+            status += f", **{self.L.num(s, '*', 'missing', 'sum', 'd')} not run yet** (partial study)"
+        lines += [status + f"; test accuracy under the {s.protocol} protocol"
+                  + ("; diverged runs are not in the means" if diverged else "") + ".", ""]
+        if kind in ("lr", "batch") and "x" in s.analysis and "facet" in s.analysis:
+            lines += self.pivot(s, self.acc_key(), f"Test accuracy ({s.protocol})")
+            other = self.other_protocol(s)
+            if other:
+                lines += self.pivot(s, other, f"Test accuracy ({other.removeprefix('test_acc_')}, for comparison)")
+            if kind == "lr":
+                lines += self.convergence(s)
+            else:
+                lines += self.delta_table(s)
+        else:
+            lines += self.compare_table(s)
+        lines += self.figures(s)
+        return lines
+
+    def compare_table(self, s: StudyData) -> list[str]:
+        other = self.other_protocol(s)
+        ref = s.analysis.get("reference", s.cells[0]["cell"])
+        head = ["cell", "n", "diverged", f"test acc ({s.protocol})"]
+        if other:
+            head.append(f"test acc ({other.removeprefix('test_acc_')})")
+        head += ["train acc", f"Δ vs `{ref}`", f"{self.ci_level()} CI", "p"]
+        lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for c in s.cells:
+            k = c["cell"]
+            row = [f"`{k}`", f"{self.L.num(s, k, 'n', fmt='d')}/{self.L.num(s, k, '', 'runs', 'd')}",
+                   self.L.num(s, k, "diverged", fmt="d"), self.mean_std(s, k, "test_acc")]
+            if other:
+                row.append(self.mean_std(s, k, other))
+            row.append(self.mean_std(s, k, "train_acc"))
+            row += list(self.delta(s, k)) if c.get("vs_reference") else ["reference" if k == ref else "–", "", ""]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        groups = self.verdict(s)
+        if any(groups.values()):
+            lines.append(f"Against `{ref}` ({self.ci_level()} CI of Δ): "
+                         + "; ".join(f"{name}: {_cells_str(cells)}" for name, cells in groups.items() if cells) + ".")
+            lines.append("")
+        return lines
+
+    def pivot(self, s: StudyData, key: str, title: str) -> list[str]:
+        x, facet = s.analysis["x"], s.analysis["facet"]
+        xs = sorted({c["config"][x] for c in s.cells})
+        rows = list(dict.fromkeys(c["labels"][facet] for c in s.cells))
+        heads = [self.L.num(s, next(c["cell"] for c in s.cells if c["config"][x] == v), f"config.{x}", fmt="g")
+                 for v in xs]
+        lines = [f"{title}, mean ± std over seeds; rows: {facet}, columns: {x.replace('_', ' ')}.", "",
+                 f"| {facet} | " + " | ".join(heads) + " |", "|---" * (len(xs) + 1) + "|"]
+        for r in rows:
+            by_x = {c["config"][x]: c for c in s.cells if c["labels"][facet] == r}
+            lines.append(f"| `{r}` | " + " | ".join(
+                self.mean_std(s, by_x[v]["cell"], key, digits=3) if v in by_x else "–" for v in xs) + " |")
+        return lines + [""]
+
+    def convergence(self, s: StudyData) -> list[str]:
+        x, facet = s.analysis["x"], s.analysis["facet"]
+        if "min_train_acc" in s.analysis:
+            floor = s.analysis["min_train_acc"]
+            floor_text = self.L.num(s, None, "analysis.min_train_acc", fmt="g")
+        else:  # the default of analysis._lr
+            floor, floor_text = 0.5, self.L.define("0.5", "default of analysis.min_train_acc (exoticnorm/analysis.py)")
+        lines = [f"Converged = every planned seed finished, none diverged, train accuracy ≥ {floor_text} in "
+                 "each. Per " + facet + ":", "",
+                 f"| {facet} | largest converging {x} | best {x} | test acc at best |", "|---|---|---|---|"]
+        for r in dict.fromkeys(c["labels"][facet] for c in s.cells):
+            group = [c for c in s.cells if c["labels"][facet] == r]
+            ok = [c for c in group if c["missing"] == 0 and c["diverged"] == 0 and c["n"] > 0
+                  and all(a >= floor for a in c["train_acc"])]
+            largest = max(ok, key=lambda c: c["config"][x], default=None)
+            scored = [c for c in group if c.get("test_acc")]
+            best = max(scored, key=lambda c: statistics.mean(c["test_acc"]), default=None)
+            lines.append(
+                f"| `{r}` | {self.L.num(s, largest['cell'], f'config.{x}', fmt='g') if largest else 'none'} | "
+                f"{self.L.num(s, best['cell'], f'config.{x}', fmt='g') if best else '–'} | "
+                f"{self.mean_std(s, best['cell'], 'test_acc') if best else '–'} |")
+        return lines + [""]
+
+    def delta_table(self, s: StudyData) -> list[str]:
+        facet, ref = s.analysis["facet"], s.analysis.get("reference")
+        compared = [c for c in s.cells if c.get("vs_reference")]
+        if not compared:
+            return []
+        lines = [f"Each {facet} against `{ref}` at the same {s.analysis['x'].replace('_', ' ')} "
+                 f"(Δ of mean test accuracy, Welch's {self.ci_level()} CI, p):", "",
+                 "| cell | Δ | CI | p |", "|---|---|---|---|"]
+        for c in compared:
+            d, ci, p = self.delta(s, c["cell"])
+            lines.append(f"| `{c['cell']}` | {d} | {ci} | {p} |")
+        return lines + [""]
+
+    def figures(self, s: StudyData) -> list[str]:
+        lines = []
+        for fig in s.figures:
+            link = Path(os.path.relpath(fig.resolve(), self.link_dir.resolve())).as_posix()
+            lines += [f"![{s.name}: {fig.stem.replace('_', ' ')}]({link})", ""]
+        return lines
+
+    def literature(self) -> list[str]:
+        lines = ["## Relation to the literature", "", LITERATURE_TEXT, ""]
+        lines.append(f"Numbers the papers or their code report (quoted from the research notes): "
+                     f"{self.L.cite(self.claims['gw-imagenet'], self.lit_path)} [gw]; "
+                     f"{self.L.cite(self.claims['sw-imagenet'], self.lit_path)} [sw]; with power-iteration SVD, "
+                     f"{self.L.cite(self.claims['pi-svd-cifar'], self.lit_path)} [pisvd]. For scale: "
+                     f"{self.L.cite(self.claims['d2l-bn-lenet'], self.lit_path)} [d2l].")
+        lines.append("")
+        families = [("PIT", {"pit"}), ("whitening", {"zca", "block-zca", "sparse-zca", "monarch-zca",
+                                                     "circulant-zca", "group-whitening", "switchable-whitening"})]
+        for name, norms in families:
+            rows = []
+            for s in self.found:
+                for c in s.cells:
+                    if c["config"].get("norm") in norms and c.get("vs_reference") and c["n"]:
+                        d, ci, p = self.delta(s, c["cell"])
+                        ref = c["vs_reference"].get("reference", s.analysis.get("reference"))
+                        rows.append(f"| {self.study_ref(s)} | `{c['cell']}` | `{ref}` | {d} | {ci} | {p} |")
+            if rows:
+                lines += [f"Here, on LeNet and FashionMNIST, the {name} cells against their study's reference "
+                          f"(Δ of mean test accuracy, {self.ci_level()} CI, p):", "",
+                          "| study | cell | reference | Δ | CI | p |", "|---|---|---|---|---|---|", *rows, ""]
+            else:
+                lines += [f"No included study has {name} cells compared with a reference.", ""]
+        return lines
+
+    def limitations(self) -> list[str]:
+        models = sorted({c["config"].get("model", "lenet") for s in self.found for c in s.cells})
+        lines = ["## Limitations", "",
+                 f"Scale: one small data set (FashionMNIST) and the models {_cells_str(models)} (LeNet is d2l's; "
+                 "the library's ResNets for 28×28 are narrow), a few seeds per cell, so Welch's test has little "
+                 "power and small differences go undetected; no correction for the many comparisons. "
+                 "Epoch budgets are short and differ between studies (epochs per study: "
+                 + ", ".join(f"{self.study_ref(s)} {self.values(s, 'config.epochs', 'd')}" for s in self.found)
+                 + "); results at these budgets need not hold for longer training or for ImageNet-scale "
+                 "networks, where the whitening papers report their gains.", ""]
+        envs = []
+        for s in self.found:
+            m = re.search(r"; ((?:cpu|cuda|mps)[^;]*?)\. Mean ± ", s.readme)
+            if m:
+                envs.append(f"{self.study_ref(s)} {self.L.verbatim(m.group(1), s.dir / 'README.md')}")
+        lines += ["Compute: as the reports record it, " + ("; ".join(envs) if envs else "not recorded")
+                  + ". The studies were sized to fit a 2-core CPU, which bounds every choice above.", ""]
+        partial = [s for s in self.found if any(c["missing"] for c in s.cells)]
+        if partial:
+            lines += [f"Partial studies (runs not run yet): {', '.join(map(self.study_ref, partial))}.", ""]
+        return lines
+
+    def not_included(self) -> list[str]:
+        if not self.excluded:
+            return []
+        lines = ["## Not included", "",
+                 "Folders of the studies directory that this paper leaves out, with the reason and the "
+                 f"commands that would bring them in. {RUNS_NOTE}", ""]
+        for e in self.excluded:
+            fix = f" Fix: `{' && '.join(e.fix)}`." if e.fix else ""
+            lines.append(f"- `{e.name}`: {e.reason}.{fix}")
+        return lines + [""]
+
+    def reproduce(self) -> list[str]:
+        lines = ["## How to reproduce", "", "```bash", "bash scripts/setup.sh"]
+        for s in self.found:
+            lines.append(" && ".join(study_commands(self.studies, s.name, self.root)))
+        out = rel(self.link_dir, self.root)
+        lines += [f"exoticnorm paper --studies {rel(self.studies, self.root)} --out {out}", "```", "",
+                  f"`{out}/provenance.json` maps every number printed here to its source (study, cell, key, "
+                  f"computation); `{out}/sources.json` holds the sha256 of every input. "
+                  "`pytest tests/test_paper.py` recomputes them.", ""]
+        return lines
+
+    def references(self) -> list[str]:
+        return ["## References", "", *[f"- [{r['key']}] {r['text']}" for r in self.lit.get("reference", [])], ""]
+
+    def markdown(self) -> str:
+        title = ["# Normalization beyond batch norm: exoticnorm's studies on FashionMNIST", "",
+                 "Generated by `exoticnorm paper` from the study reports; no number is typed by hand.", ""]
+        parts = [title, self.abstract(), self.intro(), self.methods(), self.protocol_section(), self.results(),
+                 self.literature(), self.limitations(), self.not_included(), self.reproduce(), self.references()]
+        return "\n".join(line for part in parts for line in part).rstrip() + "\n"
