@@ -1,4 +1,4 @@
-"""How a study is answered: ``KINDS``, the one table of analysis kinds. grid.py checks a
+"""How a study is answered: ``KINDS``, the one table of analysis kinds. study.py checks a
 study's ``[analysis]`` against it on loading; report.py takes the answer, the kind's figures
 and its comparisons (results.json's ``vs_reference``) from it.
 
@@ -28,7 +28,7 @@ from .points import PointResult, acc_key, converged, facets, fmt, protocol, x_of
 from .stats import Difference, welch
 
 if TYPE_CHECKING:
-    from .grid import Study
+    from .study import Study
 
 __all__ = ["Kind", "KINDS", "kind_of", "answer", "difference"]
 

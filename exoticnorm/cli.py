@@ -13,7 +13,7 @@ from . import registry
 from .base import InputError
 from .data import DatasetNotFound
 from .models.lenet import ACTIVATIONS, LAYER_SETS
-from .train import MODELS, OPTIMIZERS, RunError, StudyConfig, check_norm_option, run_study
+from .train import MODELS, OPTIMIZERS, RunConfig, RunError, check_norm_option, train_run
 
 DIVERGED_EXIT = 3
 
@@ -47,11 +47,11 @@ def parse_norm_opts(norm: str, pairs: tuple[str, ...]) -> dict[str, Any]:
     return parsed
 
 
-def _checked_config(fields: dict[str, Any], pairs: tuple[str, ...]) -> StudyConfig:
-    """The StudyConfig of a run, its model built once: any bad setting or norm option is a
+def _checked_config(fields: dict[str, Any], pairs: tuple[str, ...]) -> RunConfig:
+    """The RunConfig of a run, its model built once: any bad setting or norm option is a
     click.UsageError (exit code 2) here, before anything is written, never a traceback later."""
     try:
-        config = StudyConfig(**fields)
+        config = RunConfig(**fields)
     except (RunError, ValueError, TypeError) as exc:
         raise click.UsageError(str(exc)) from exc
     try:
@@ -138,7 +138,7 @@ def study(ctx: click.Context, norm_opts, out, device, data_dir, download, wandb_
         with distributed.session(pick_device(device)):  # joins torchrun's process group, if any
             out = distributed.from_main(out)  # the default name: rank 0's clock
             # wandb_mode None (no --wandb): a resumed run keeps the mode it started with
-            summary = run_study(config, out, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
+            summary = train_run(config, out, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
                                 resume=resume, download=download, echo=click.echo, group=group)
     except (RunError, registry.NormConfigError, DatasetNotFound, InputError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -191,14 +191,15 @@ def norms() -> None:
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 def summarize(run_dirs) -> None:
-    """Markdown table of finished runs: seeds grouped, mean ± std of the final metrics."""
-    from .results import load_summaries, markdown_table
+    """Markdown table of run folders: seeds grouped, mean ± std of the final metrics, test
+    accuracy under both eval protocols (runs from before them in a column of their own)."""
+    from .report import summarize as summary_table
 
-    summaries = load_summaries(run_dirs)
-    if not summaries:
+    n, text = summary_table(run_dirs)
+    if not n:
         raise click.ClickException(f"no finished run (summary.json) among {len(run_dirs)} folder(s)")
-    click.echo(f"{len(summaries)} finished runs; mean ± sample std over seeds\n")
-    click.echo(markdown_table(summaries), nl=False)
+    click.echo(f"{n} runs (finished or diverged); mean ± sample std over seeds, n = finished\n")
+    click.echo(text, nl=False)
 
 
 @main.command()
@@ -309,7 +310,7 @@ def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, downl
         executor, **executor_opts) -> None:
     """Run every cell of a study (studies/NAME.toml); finished cells are skipped, killed ones resumed."""
     from .executors import ExecutorError, make_executor
-    from .grid import StudyError, load_study, parse_shard
+    from .study import StudyError, load_study, parse_shard
     from .runner import run_cells
 
     _check_executor_options(ctx, executor)
@@ -350,7 +351,7 @@ def run(ctx, study_file, seeds, quick, jobs, shard, out, device, data_dir, downl
 @click.pass_context
 def run_cell(ctx, study_file, quick, seeds, out, device, wandb_mode) -> None:
     """One cell of a study, named by --AXIS=LABEL ... --seed=S (what `wandb agent` calls)."""
-    from .grid import StudyError, load_study
+    from .study import StudyError, load_study
     from .runner import run_one_cell
 
     labels, seed = {}, None
@@ -387,7 +388,7 @@ def run_cell(ctx, study_file, quick, seeds, out, device, wandb_mode) -> None:
 @click.option("--wandb-report", is_flag=True, help="Also create a wandb report (online and logged in).")
 def report(source, quick, seeds, runs, out, wandb_report) -> None:
     """Tables, figures (PNG and PDF) and a markdown answer for a study (its .toml or runs folder)."""
-    from .grid import StudyError, load_study
+    from .study import StudyError, load_study
     from .report import make_report, wandb_report_for
 
     try:

@@ -2,7 +2,7 @@
 start-up agreement between ranks, and the synced batch statistics of the norms.
 
 ``exoticnorm study`` joins the process group that torchrun describes in the environment
-(``session``); ``run_study`` trains with DistributedDataParallel whenever more than one
+(``session``); ``train_run`` trains with DistributedDataParallel whenever more than one
 process takes part. In one process every helper here is a no-op or returns its input.
 """
 

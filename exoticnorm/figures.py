@@ -2,7 +2,7 @@
 ``out`` and returns their names (none when it has nothing to draw). Test accuracy is the
 study's protocol's (``points.acc_key``).
 
-matplotlib and torch are imported on first use: grid.py imports the kinds table
+matplotlib and torch are imported on first use: study.py imports the kinds table
 (analysis.py), which names these functions.
 """
 
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .points import PointResult, acc_key, converged, facets, protocol, short_label, x_of
 
 if TYPE_CHECKING:
-    from .grid import Study
+    from .study import Study
 
 __all__ = ["FIGURE_FORMATS", "fig_curves", "fig_final_vs_x", "fig_sweeps", "fig_epoch_time",
            "fig_activations", "focus_runs", "FIRST_BATCHES", "SATURATED", "MAX_SITES"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .stats import mean_std
 
 if TYPE_CHECKING:
-    from .grid import Study
+    from .study import Study
 
 __all__ = ["PointResult", "PROTOCOLS", "DEFAULT_PROTOCOL", "protocol", "acc_key", "facets", "x_of",
            "converged", "short_label", "fmt"]

@@ -15,6 +15,8 @@ older file get the numbers the answer used), ``test_acc_running`` and ``test_acc
 (compare: each cell against the reference; batch: each facet value against the reference's
 at the same x) ``vs_reference`` = {reference, delta, ci_low, ci_high, p, n, n_ref} from
 stats.welch (null where a side has one run).
+
+``summarize`` tables loose run folders (``exoticnorm summarize``) with the same statistics.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from .analysis import answer, difference, kind_of
 from .figures import fig_activations, fig_curves, fig_epoch_time, focus_runs
-from .grid import Study, StudyError, config_dict
+from .study import Study, StudyError, config_dict
 from .points import PROTOCOLS, PointResult, acc_key, fmt, protocol
 
-__all__ = ["collect", "table", "make_report", "wandb_report_for", "build_wandb_report"]
+__all__ = ["collect", "table", "summarize", "make_report", "wandb_report_for", "build_wandb_report"]
 
 PROTOCOL_KEYS = ("test_acc_running", "test_acc_precise")
 
@@ -103,6 +105,44 @@ def table(points: list[PointResult], study: Study) -> str:
             + f" | {fmt(*p.mean_std('train_acc'))} | {fmt(*p.mean_std('train_loss'))} | "
             f"{', '.join(map(str, sorted(params))) or '–'} | {p.epoch_time():.1f} |")
     return "\n".join(lines) + "\n"
+
+
+OLD_ACC = "test acc (old per-norm protocol)"
+
+
+def summarize(run_dirs: Iterable[str | Path]) -> tuple[int, str]:
+    """(runs read, markdown table) of the runs among ``run_dirs`` with a summary.json: one row
+    per config except the seed (named by the norm, its options and any setting that differs
+    between rows), n finished, mean ± sample std. Runs recorded before the two protocols get
+    rows of their own, their bare ``test_acc`` in the OLD_ACC column, never in the new ones."""
+    from .train import RunConfig
+
+    defaults = config_dict(RunConfig())  # runs made before a field existed
+    groups: dict[str, PointResult] = {}
+    for d in map(Path, run_dirs):
+        if (d / "summary.json").is_file():
+            s = json.loads((d / "summary.json").read_text())
+            config = {k: v for k, v in {**defaults, **s["config"]}.items() if k != "seed"}
+            key = json.dumps([config, set(PROTOCOL_KEYS) <= s.keys()], sort_keys=True)
+            groups.setdefault(key, PointResult(key, {}, config)).summaries.append(s)
+    configs = [p.config for p in groups.values()]
+    varying = sorted(k for k in defaults if k not in ("seed", "norm", "norm_opts")
+                     and len({json.dumps(c[k], sort_keys=True) for c in configs}) > 1)
+    rows = []
+    for p in groups.values():
+        c = p.config
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(c["norm_opts"].items()))
+        extra = ", ".join(f"{k}={c[k]}" for k in varying)
+        label = c["norm"] + (f" ({opts})" if opts else "") + (f" [{extra}]" if extra else "")
+        old = not set(PROTOCOL_KEYS) <= p.summaries[0].keys()
+        ips = p.values("images_per_sec")
+        cells = [fmt(*p.mean_std(k)) for k in PROTOCOL_KEYS] + [fmt(*p.mean_std("test_acc")) if old else "–"]
+        cells += [fmt(*p.mean_std(k)) for k in ("train_acc", "train_loss")]
+        cells += [f"{sum(ips) / len(ips):,.0f}" if ips else "–"]
+        rows.append(f"| {label} | {len(p.finished)} | {' | '.join(cells)} | {p.diverged} |")
+    head = ["| config | n | test acc running | test acc precise | " + OLD_ACC
+            + " | train acc | train loss | images/s | diverged |", "|---" * 9 + "|"]
+    return sum(len(p.summaries) for p in groups.values()), "\n".join(head + sorted(rows)) + "\n"
 
 
 def protocol_sentence(points: list[PointResult], study: Study) -> str:

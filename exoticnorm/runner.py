@@ -1,6 +1,6 @@
 """Run a study's cells: skip finished ones, resume killed ones, optionally in parallel.
 
-Each cell is one ``run_study`` in ``OUT/<cell>-s<seed>`` (its console output in ``log.txt``
+Each cell is one ``train_run`` in ``OUT/<cell>-s<seed>`` (its console output in ``log.txt``
 there) and one wandb run in the group named after the study. A cell whose folder holds a run
 made with other settings is never touched: it is reported, and the study goes on. A cell is
 run under its folder's lock (``train.run_dir_lock``): a cell another process is running is
@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 
 from . import tracking
-from .grid import Cell, Study, StudyError
-from .train import RunDirBusy, RunError, run_dir_lock, run_study
+from .study import Cell, Study, StudyError
+from .train import RunDirBusy, RunError, run_dir_lock, train_run
 
 __all__ = ["cell_state", "run_cells", "run_one_cell", "select_shard"]
 
@@ -126,7 +126,7 @@ def _run_locked(study_name, cell, run_dir, device, data_dir, wandb_mode, downloa
             log.write(msg + "\n")
             log.flush()
         try:
-            summary = run_study(
+            summary = train_run(
                 cell.config, run_dir, device=device, data_dir=data_dir, wandb_mode=wandb_mode,
                 resume=resume, download=download, echo=echo, group=study_name, data=data,
                 name=cell.run_name,
@@ -248,7 +248,7 @@ def run_one_cell(study: Study, cell: Cell, out: Path, device: str = "auto",
 
 
 def _cached_data(cache: dict, cell: Cell, device: str, data_dir: str | None, download: bool):
-    """One copy of the dataset per (limits) in a sequential study; None lets run_study load it
+    """One copy of the dataset per (limits) in a sequential study; None lets train_run load it
     (and report a missing dataset as that cell's error)."""
     from .data import DatasetNotFound, load_fashion_mnist
     from .train import pick_device

@@ -1,4 +1,4 @@
-"""One study run: train the d2l LeNet with a norm on FashionMNIST, log, checkpoint, resume.
+"""One run: train the d2l LeNet with a norm on FashionMNIST, log, checkpoint, resume.
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per epoch),
 ``checkpoint.pt`` (after every epoch; ``torch.load(..., weights_only=True)``) and, once
@@ -41,7 +41,7 @@ from .activations import ActivationRecorder
 from .precise import precise_statistics
 from .tracking import WandbLogger
 
-__all__ = ["StudyConfig", "RunError", "RunDirBusy", "run_study", "run_dir_lock", "pick_device",
+__all__ = ["RunConfig", "RunError", "RunDirBusy", "train_run", "run_dir_lock", "pick_device",
            "check_setting", "check_norm_option", "check_norm_opts", "OPTIMIZERS"]
 
 CHECKPOINT_FORMAT = "exoticnorm-checkpoint"
@@ -94,7 +94,7 @@ def _choice_setting(name: str, value: Any, choices) -> str:
 
 
 def check_setting(name: str, value: Any) -> Any:
-    """One StudyConfig field checked with the rules of the CLI option of the same name (type
+    """One RunConfig field checked with the rules of the CLI option of the same name (type
     and range): the value (ints given for floats become floats), or RunError naming the field.
     ``norm_opts`` is only checked to be a table here; its values need the norm (see
     ``check_norm_opts``)."""
@@ -209,7 +209,7 @@ def check_norm_opts(norm: str, opts: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
-class StudyConfig:
+class RunConfig:
     """Everything that defines a run's result (the device and paths do not)."""
 
     norm: str = "bn"
@@ -266,7 +266,7 @@ def pick_device(device: str = "auto") -> torch.device:
         raise RunError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from exc
 
 
-def _optimizer(config: StudyConfig, params) -> torch.optim.Optimizer:
+def _optimizer(config: RunConfig, params) -> torch.optim.Optimizer:
     kw = {"lr": config.lr, "weight_decay": config.weight_decay}
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, **kw)
@@ -403,7 +403,7 @@ def run_dir_lock(run_dir: str | os.PathLike, create: bool = True):
     The kernel drops it when the holder's process ends, however it ends (``kill -9`` too), so a
     lock never goes stale; the file itself stays (removing it would race with the next run).
     It is re-entrant within a process: the study runner holds a cell's lock around its
-    ``run_study``, which takes it again. flock is reliable on local file systems; on NFS it
+    ``train_run``, which takes it again. flock is reliable on local file systems; on NFS it
     depends on the server.
     """
     run_dir = Path(run_dir)
@@ -449,7 +449,7 @@ def run_dir_lock(run_dir: str | os.PathLike, create: bool = True):
             held[0].close()  # closing the file releases the flock
 
 
-def _prepare_dir(out: Path, config: StudyConfig, resume: bool, main: bool = True) -> dict | None:
+def _prepare_dir(out: Path, config: RunConfig, resume: bool, main: bool = True) -> dict | None:
     """Check the (locked) run directory; return the checkpoint to resume from, if any. Only
     the ``main`` process (rank 0) checks and writes a new run's directory."""
     if resume:
@@ -472,7 +472,7 @@ def _prepare_dir(out: Path, config: StudyConfig, resume: bool, main: bool = True
     return None
 
 
-def _load_checkpoint(out: Path, config: StudyConfig) -> dict:
+def _load_checkpoint(out: Path, config: RunConfig) -> dict:
     path = out / "checkpoint.pt"
     if (out / "summary.json").exists():
         raise RunError(f"{out} holds a finished run (summary.json): nothing to resume")
@@ -488,7 +488,7 @@ def _load_checkpoint(out: Path, config: StudyConfig) -> dict:
     if ckpt.get("version") != CHECKPOINT_VERSION:
         raise RunError(f"--resume: {path} has checkpoint version {ckpt.get('version')}, "
                        f"this exoticnorm reads version {CHECKPOINT_VERSION}")
-    saved = {**dataclasses.asdict(StudyConfig()), **ckpt["config"]}  # fields added since
+    saved = {**dataclasses.asdict(RunConfig()), **ckpt["config"]}  # fields added since
     wanted = dataclasses.asdict(config)
     diff = {k: (saved.get(k), v) for k, v in wanted.items()
             if saved.get(k) != v and k not in RESUMABLE_CHANGES}
@@ -502,8 +502,8 @@ def _load_checkpoint(out: Path, config: StudyConfig) -> dict:
     return ckpt
 
 
-def run_study(
-    config: StudyConfig,
+def train_run(
+    config: RunConfig,
     out: str | os.PathLike,
     device: str = "auto",
     data_dir: str | None = None,

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 
 from exoticnorm import kernels, tracking
 from exoticnorm.cli import main
-from exoticnorm.grid import StudyError, load_study
+from exoticnorm.study import StudyError, load_study
 from exoticnorm.runner import run_cells
-from exoticnorm.train import StudyConfig, run_study
+from exoticnorm.train import RunConfig, train_run
 
 SMALL = ["--epochs", "1", "--limit-train", "64", "--limit-test", "32", "--batch-size", "32",
          "--precise-stats", "0", "--device", "cpu", "--no-download"]
@@ -51,7 +51,7 @@ sys.stdin.read()
 
 def test_study_into_a_run_directory_in_use_fails_at_once(tmp_path, fake_data):
     out = tmp_path / "run"
-    run_study(StudyConfig(epochs=2, limit_train=64, limit_test=32, batch_size=32, precise_stats=0), out,
+    train_run(RunConfig(epochs=2, limit_train=64, limit_test=32, batch_size=32, precise_stats=0), out,
               data_dir=fake_data, device="cpu", download=False, echo=lambda s: None, stop_after=1)
     before = (out / "metrics.jsonl").read_bytes()
     fresh = tmp_path / "fresh"
@@ -282,9 +282,9 @@ def _fake_wandb(monkeypatch, tmp_path, fail_online=False):
 
 
 def test_resume_keeps_the_wandb_mode_of_the_run(tmp_path, fake_data, monkeypatch):
-    config = StudyConfig(epochs=2, limit_train=64, limit_test=32, batch_size=32, precise_stats=0)
+    config = RunConfig(epochs=2, limit_train=64, limit_test=32, batch_size=32, precise_stats=0)
     for out in (tmp_path / "a", tmp_path / "b"):  # two runs started with --wandb disabled, killed
-        run_study(config, out, data_dir=fake_data, device="cpu", download=False, echo=lambda s: None,
+        train_run(config, out, data_dir=fake_data, device="cpu", download=False, echo=lambda s: None,
                   stop_after=1, wandb_mode="disabled")
     calls = _fake_wandb(monkeypatch, tmp_path)  # no $WANDB_MODE, not logged in: offline by default
     args = ["study", "--resume", "--epochs", "2", "--data-dir", fake_data, "--no-download", "--device", "cpu"]

@@ -9,7 +9,7 @@ import torch
 import exoticnorm as en
 from exoticnorm.activations import HIST_EDGES, ActivationRecorder, load_activations
 from exoticnorm.models import LeNet
-from exoticnorm.train import EVAL_KEYS, StudyConfig, evaluate_both, run_study
+from exoticnorm.train import EVAL_KEYS, RunConfig, evaluate_both, train_run
 
 
 def _trained_lenet(norm, steps=5, **kw):
@@ -121,16 +121,16 @@ def test_recorder_matches_direct_statistics_and_numpy_histograms():
 
 
 def test_run_files_carry_both_protocols_and_resume_keeps_the_activation_history(tmp_path, fake_data):
-    config = StudyConfig(norm="zca", epochs=2, batch_size=64, precise_stats=3, seed=2)
+    config = RunConfig(norm="zca", epochs=2, batch_size=64, precise_stats=3, seed=2)
     kw = dict(data_dir=fake_data, device="cpu", download=False, echo=lambda s: None, wandb_mode="disabled")
-    full = run_study(config, tmp_path / "full", **kw)
+    full = train_run(config, tmp_path / "full", **kw)
     for key in EVAL_KEYS:
         assert key in full
     lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert all(l["precise_norms"] == 4 for l in lines)
     part = tmp_path / "part"
-    assert run_study(config, part, stop_after=1, **kw)["status"] == "stopped"
-    resumed = run_study(config, part, resume=True, **kw)
+    assert train_run(config, part, stop_after=1, **kw)["status"] == "stopped"
+    resumed = train_run(config, part, resume=True, **kw)
     assert resumed["test_acc_running"] == full["test_acc_running"]
     assert resumed["test_acc_precise"] == full["test_acc_precise"]
     a, b = load_activations(tmp_path / "full" / "activations.pt"), load_activations(part / "activations.pt")
@@ -141,7 +141,7 @@ def test_run_files_carry_both_protocols_and_resume_keeps_the_activation_history(
 
 
 def test_resnet_runs_with_relu_by_default():
-    config = StudyConfig(model="resnet8")
-    assert config.activation == "relu" and StudyConfig().activation == "sigmoid"
+    config = RunConfig(model="resnet8")
+    assert config.activation == "relu" and RunConfig().activation == "sigmoid"
     with pytest.raises(en.train.RunError, match="all .* or none"):
-        StudyConfig(model="resnet8", norm_layers="fc")
+        RunConfig(model="resnet8", norm_layers="fc")

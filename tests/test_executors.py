@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from exoticnorm.cli import main
-from exoticnorm.grid import load_study
+from exoticnorm.study import load_study
 from exoticnorm.runner import run_cells
 
 STUDY = """

@@ -14,7 +14,7 @@ from scipy import stats as sps
 from exoticnorm.analysis import KINDS, answer
 from exoticnorm.cli import main
 from exoticnorm.figures import _saturated_bins, focus_runs
-from exoticnorm.grid import StudyError, config_dict, load_study
+from exoticnorm.study import StudyError, config_dict, load_study
 from exoticnorm.points import PointResult
 from exoticnorm.report import collect, make_report, table
 from exoticnorm.stats import welch

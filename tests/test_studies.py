@@ -1,4 +1,4 @@
-"""Study grids (studies/*.toml), `exoticnorm run`/`run-cell`/`report`, on fake and real data."""
+"""Studies (studies/*.toml, exoticnorm/study.py), `exoticnorm run`/`run-cell`/`report`, on fake and real data."""
 
 import json
 import os
@@ -12,13 +12,14 @@ from click.testing import CliRunner
 from exoticnorm import data
 from exoticnorm.analysis import KINDS
 from exoticnorm.cli import main
-from exoticnorm.grid import StudyError, load_study, parse_shard
+from exoticnorm.study import StudyError, load_study, parse_shard
 from exoticnorm.points import PROTOCOLS
 from exoticnorm.report import build_wandb_report, collect, wandb_report_for
 from exoticnorm.runner import cell_state, run_cells, select_shard
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
-REQUIRED = {"bias", "lr-region", "placement", "dropout", "affine", "zoo", "research"}
+REQUIRED = {"bias", "lr-region", "placement", "dropout", "affine", "zoo", "research", "whitening-lenet", "pit-lenet",
+            "resnet", "running-bn-last-batch"}
 HAVE_REAL_DATA = data.find_idx_dir(data.DEBIAN_DIR) is not None
 
 
@@ -151,12 +152,12 @@ def test_quick_form_and_seed_override(tiny):
 
 
 def test_run_skips_finished_resumes_killed_and_keeps_mismatched(tmp_path, tiny, fake_data):
-    from exoticnorm.train import run_study
+    from exoticnorm.train import train_run
 
     study = load_study(tiny)
     out = tmp_path / "runs"
     killed = study.cells[0]
-    run_study(killed.config, out / killed.run_name, data_dir=fake_data, device="cpu",
+    train_run(killed.config, out / killed.run_name, data_dir=fake_data, device="cpu",
               stop_after=1, echo=lambda s: None)
     assert cell_state(killed, out) == "partial"
     log = []

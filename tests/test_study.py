@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from exoticnorm import data
 from exoticnorm.cli import main
-from exoticnorm.train import StudyConfig, run_study
+from exoticnorm.train import RunConfig, train_run
 
 TIMING = {"images_per_sec", "epoch_time", "elapsed"}
 
@@ -45,12 +45,12 @@ def _strip(lines):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, fake_data):
-    config = StudyConfig(norm="bn", epochs=3, lr=0.05, batch_size=64, optimizer="momentum",
+    config = RunConfig(norm="bn", epochs=3, lr=0.05, batch_size=64, optimizer="momentum",
                          dropout=0.3, seed=3)
     kw = dict(data_dir=fake_data, device="cpu", download=False, echo=lambda s: None)
-    full = run_study(config, tmp_path / "full", **kw)
+    full = train_run(config, tmp_path / "full", **kw)
     part = tmp_path / "part"
-    assert run_study(config, part, stop_after=1, **kw)["status"] == "stopped"
+    assert train_run(config, part, stop_after=1, **kw)["status"] == "stopped"
     with (part / "metrics.jsonl").open("a") as f:  # epoch 2 written, then killed mid-line
         f.write(json.dumps({"epoch": 2, "train_loss": 9.0}) + "\n" + '{"epoch": 3, "tra')
     result = study("--resume", "--out", str(part), "--data-dir", str(fake_data), "--no-download")
@@ -94,7 +94,7 @@ def test_existing_and_unwritable_run_directories(tmp_path, fake_data):
 def test_resume_rejects_corrupt_and_mismatched_checkpoints(tmp_path, fake_data):
     out = tmp_path / "run"
     kw = dict(data_dir=fake_data, device="cpu", download=False, echo=lambda s: None)
-    run_study(StudyConfig(epochs=2), out, stop_after=1, **kw)
+    train_run(RunConfig(epochs=2), out, stop_after=1, **kw)
     base = ["--resume", "--out", str(out), "--data-dir", str(fake_data), "--no-download"]
     mismatch = study(*base, "--lr", "0.5")
     assert mismatch.exit_code == 1 and "lr: checkpoint 0.1 vs now 0.5" in mismatch.output
@@ -113,16 +113,35 @@ def test_resume_rejects_corrupt_and_mismatched_checkpoints(tmp_path, fake_data):
     assert missing.exit_code == 1 and "config.json not found" in missing.output
 
 
+def test_resume_a_run_started_before_later_fields_and_the_rename(tmp_path, fake_data):
+    """config.json and the checkpoint store the config as a plain dict (no class name): a run
+    started before model/activation/precise_stats existed (and before RunConfig had its name) resumes."""
+    out = tmp_path / "run"
+    kw = dict(data_dir=fake_data, device="cpu", download=False, echo=lambda s: None)
+    train_run(RunConfig(epochs=2), out, stop_after=1, **kw)
+    newer = ("model", "activation", "precise_stats")
+    old = {k: v for k, v in json.loads((out / "config.json").read_text()).items() if k not in newer}
+    (out / "config.json").write_text(json.dumps(old))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    ckpt["config"] = dict(old)
+    torch.save(ckpt, out / "checkpoint.pt")
+    result = study("--resume", "--out", str(out), "--data-dir", str(fake_data), "--no-download")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert summary["config"] == {**old, "model": "lenet", "activation": "sigmoid", "precise_stats": 100}
+
+
 def test_nonfinite_input_ends_run_as_diverged_and_keeps_last_checkpoint(tmp_path, fake_data):
     out = tmp_path / "run"
     kw = dict(device="cpu", download=False, echo=lambda s: None)
-    config = StudyConfig(epochs=3)
-    run_study(config, out, data_dir=fake_data, stop_after=1, **kw)
+    config = RunConfig(epochs=3)
+    train_run(config, out, data_dir=fake_data, stop_after=1, **kw)
     good = torch.load(out / "checkpoint.pt", weights_only=True)
     poisoned = data.load_fashion_mnist(fake_data, download=False)
     poisoned.train_x[5, 0, 3, 3] = float("nan")
     messages = []
-    summary = run_study(config, out, resume=True, data=poisoned, **{**kw, "echo": messages.append})
+    summary = train_run(config, out, resume=True, data=poisoned, **{**kw, "echo": messages.append})
     assert summary["status"] == "diverged"
     assert any("diverged in epoch 2" in m and "smaller --lr and another --out" in m for m in messages)
     kept = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -132,7 +151,7 @@ def test_nonfinite_input_ends_run_as_diverged_and_keeps_last_checkpoint(tmp_path
 
 
 def test_diverged_run_exits_with_code_3(tmp_path, monkeypatch):
-    monkeypatch.setattr("exoticnorm.cli.run_study", lambda *a, **k: {"status": "diverged"})
+    monkeypatch.setattr("exoticnorm.cli.train_run", lambda *a, **k: {"status": "diverged"})
     assert study("--out", str(tmp_path / "r")).exit_code == 3
 
 

@@ -37,7 +37,7 @@ from click.testing import CliRunner
 
 from exoticnorm import distributed
 from exoticnorm.cli import main
-from exoticnorm.train import StudyConfig, run_study
+from exoticnorm.train import RunConfig, train_run
 
 BN = dict(norm="bn", activation="relu", lr=0.05)  # relu: a test accuracy well above chance
 ZCA = dict(norm="zca", norm_opts={"shrinkage": 0.1})  # sigmoid, lr 0.1 (see above)
@@ -56,7 +56,7 @@ def _study(out: Path, fake_data: Path, *args: str) -> str:
 
 
 def _args(epochs: int, settings: dict) -> list[str]:
-    """``settings`` (StudyConfig fields) and SIZES as `study` options."""
+    """``settings`` (RunConfig fields) and SIZES as `study` options."""
     args = ["--epochs", str(epochs)]
     for key, value in {**SIZES, **settings}.items():
         if key == "norm_opts":
@@ -93,7 +93,7 @@ def _one_process(tmp_path: Path, fake_data: Path, settings: dict) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_study(StudyConfig(epochs=2, **SIZES, **settings), out, data_dir=fake_data, device="cpu",
+        train_run(RunConfig(epochs=2, **SIZES, **settings), out, data_dir=fake_data, device="cpu",
                   download=False, echo=lambda s: None)
     finally:
         torch.set_num_threads(threads)
@@ -127,14 +127,14 @@ def _bad_rank(rank, world, init_file, out_dir, fake_data):
     kw = dict(data_dir=fake_data, device="cpu", download=False, echo=lambda s: None)
     small = dict(epochs=1, limit_test=16, precise_stats=0)
     cases = {
-        "batch": (StudyConfig(batch_size=33, limit_train=66, **small), "batch"),
-        "mismatch": (StudyConfig(batch_size=32, limit_train=64, lr=0.1 * (rank + 1), **small), "mismatch"),
-        "last": (StudyConfig(batch_size=32, limit_train=66, **small), "last"),
+        "batch": (RunConfig(batch_size=33, limit_train=66, **small), "batch"),
+        "mismatch": (RunConfig(batch_size=32, limit_train=64, lr=0.1 * (rank + 1), **small), "mismatch"),
+        "last": (RunConfig(batch_size=32, limit_train=66, **small), "last"),
     }
     errors = {}
     for case, (config, folder) in cases.items():
         try:
-            run_study(config, Path(out_dir) / folder, **kw)
+            train_run(config, Path(out_dir) / folder, **kw)
             errors[case] = None
         except distributed.DistributedError as exc:
             errors[case] = str(exc)

@@ -6,10 +6,10 @@ seeds = 3                                      # seeds 0..seeds-1
 [analysis]                                     # how `exoticnorm report` answers (analysis.py)
 kind = "compare"
 protocol = "precise"                           # the test accuracy it uses: precise or running
-[base]                                         # StudyConfig fields shared by every cell
+[base]                                         # RunConfig fields shared by every cell
 epochs = 10
 [grid]                                         # axes; the cells are their cartesian product
-norm = ["bn", "none"]                          # scalar values: the axis is a StudyConfig field
+norm = ["bn", "none"]                          # scalar values: the axis is a RunConfig field
 bias = [{label = "bias", bias = true},         # tables: several fields at once, named by label
         {label = "no-bias", bias = false}]
 [quick]                                        # --quick: overrides of seeds, base and grid axes
@@ -39,11 +39,11 @@ else:  # pragma: no cover
 
 from .analysis import KINDS
 from .points import DEFAULT_PROTOCOL, PROTOCOLS
-from .train import RunError, StudyConfig, check_setting
+from .train import RunConfig, RunError, check_setting
 
 __all__ = ["StudyError", "Cell", "Study", "load_study", "parse_shard"]
 
-FIELDS = {f.name for f in dataclasses.fields(StudyConfig)} - {"seed"}
+FIELDS = {f.name for f in dataclasses.fields(RunConfig)} - {"seed"}
 TOP_KEYS = {"name", "question", "notes", "seeds", "analysis", "base", "grid", "quick"}
 QUICK_KEYS = {"seeds", "base", "grid"}
 _SAFE = re.compile(r"^[A-Za-z0-9.+=-]+$")
@@ -58,7 +58,7 @@ class Cell:
     """One grid point at one seed."""
 
     labels: tuple[tuple[str, str], ...]  # (axis, label) in grid order
-    config: StudyConfig
+    config: RunConfig
 
     @property
     def key(self) -> str:
@@ -256,7 +256,7 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
                                       "which another axis also sets")
                 fields.update(values)
             try:
-                config = StudyConfig(**fields, seed=seed)
+                config = RunConfig(**fields, seed=seed)
                 if seed == study.seeds[0]:
                     config.build_model()
             except (RunError, ValueError, TypeError) as exc:
@@ -274,5 +274,5 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
     return study
 
 
-def config_dict(config: StudyConfig) -> dict[str, Any]:
+def config_dict(config: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
