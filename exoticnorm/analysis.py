@@ -69,32 +69,50 @@ def difference(p: PointResult, ref: PointResult, study: Study) -> Difference:
 
 
 def _reference_cell(points: list[PointResult], study: Study) -> PointResult:
-    key = study.analysis.get("reference", points[0].key)  # grid.load_study checked it is a cell
+    key = study.analysis.get("reference", points[0].key)  # study.load_study checked it is a cell
     return next(p for p in points if p.key == key)
 
 
 def _cell_pairs(points: list[PointResult], study: Study) -> dict[str, PointResult]:
-    ref = _reference_cell(points, study)
-    return {p.key: ref for p in points if p is not ref}
+    """Each point → its reference: the reference cell, or with ``reference = {axis = label}``
+    the point with the same labels except ``label`` on ``axis`` (its paired twin)."""
+    ref = study.analysis.get("reference")
+    if not isinstance(ref, dict):
+        cell = _reference_cell(points, study)
+        return {p.key: cell for p in points if p is not cell}
+    (axis, label), by_labels = next(iter(ref.items())), {tuple(p.labels.items()): p for p in points}
+    twins = {p.key: by_labels.get(tuple({**p.labels, axis: label}.items())) for p in points
+             if p.labels.get(axis) != label}
+    return {k: t for k, t in twins.items() if t is not None}
 
 
 def _compare(points: list[PointResult], study: Study) -> str:
     key = acc_key(study)
-    ref = _reference_cell(points, study)
+    pairs = _cell_pairs(points, study)
     ranked = sorted((p for p in points if p.finished), key=lambda p: -p.mean_std(key)[0])
     best = ranked[0]
-    lines = [(f"Highest mean test accuracy ({protocol(study)} statistics): **{best.key}** "
-              f"({fmt(*best.mean_std(key))}, n = {len(best.finished)}). Against the reference "
-              f"**{ref.key}** ({fmt(*ref.mean_std(key))}), Δ = mean − mean_ref with Welch's 95% "
-              "confidence interval:"), ""]
-    ref_params = ref.finished[0].get("parameters") if ref.finished else None
+    lines = [f"Highest mean test accuracy ({protocol(study)} statistics): **{best.key}** "
+             f"({fmt(*best.mean_std(key))}, n = {len(best.finished)}). "]
+    ref = study.analysis.get("reference")
+    if isinstance(ref, dict):
+        (axis, label), = ref.items()
+        lines[0] += (f"Each cell against its twin with {axis} = {label} (the same other settings), "
+                     "Δ = mean − mean_twin with Welch's 95% confidence interval:")
+    else:
+        cell = _reference_cell(points, study)
+        lines[0] += (f"Against the reference **{cell.key}** ({fmt(*cell.mean_std(key))}), Δ = mean − "
+                     "mean_ref with Welch's 95% confidence interval:")
+    lines.append("")
     for p in ranked:
-        if p is ref:
+        if p.key not in pairs:
             continue
+        ref = pairs[p.key]
+        ref_params = ref.finished[0].get("parameters") if ref.finished else None
         params, extra = p.finished[0].get("parameters"), ""
         if params and ref_params and params != ref_params:
             extra = f"; {params - ref_params:+d} parameters ({params} vs {ref_params})"
-        lines.append(f"- {p.key}: {difference(p, ref, study).text()}{extra}"
+        vs = f" vs {ref.key}" if isinstance(study.analysis.get("reference"), dict) else ""
+        lines.append(f"- {p.key}{vs}: {difference(p, ref, study).text()}{extra}"
                      + (f"; {p.diverged} run(s) diverged" if p.diverged else ""))
     return "\n".join(lines) + "\n"
 

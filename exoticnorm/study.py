@@ -265,7 +265,12 @@ def load_study(path: str | Path, quick: bool = False, seeds: int | None = None) 
             labels = tuple((axis, label) for axis, (label, _) in zip(axes, point))
             study.cells.append(Cell(labels, config))
     ref = study.analysis.get("reference")
-    if ref is not None:
+    if isinstance(ref, dict):  # {axis = label}: each cell against its twin with that label
+        axis, label = next(iter(ref.items())) if len(ref) == 1 else (None, None)
+        if axis not in axes or label not in [lab for lab, _ in axes[axis]]:
+            raise _fail(path, f"analysis.reference as a table names one grid axis and one of its labels "
+                              f"(e.g. {{ {next(iter(axes))} = \"{axes[next(iter(axes))][0][0]}\" }}), got {ref!r}")
+    elif ref is not None:
         facet = study.analysis.get("facet")
         by_facet = facet and KINDS[study.analysis.get("kind", "compare")].reference_is == "facet"
         valid = [label for label, _ in axes[facet]] if by_facet else study.points()

@@ -176,6 +176,28 @@ def test_compare_answer_gives_delta_with_welch_ci(fake_study):
     assert "- one: Δ = +0.0900 (n = 1 vs 3): one run on a side, no test" in text
 
 
+def test_compare_against_each_cells_twin(fake_study):
+    """reference = {axis = label}: every cell against the cell with the same other labels."""
+    study = fake_study
+    study.analysis = {"kind": "compare", "reference": {"train": "short"}}
+    accs = {("a", "short"): [0.5, 0.6, 0.4], ("a", "long"): [0.8, 0.81, 0.79],
+            ("b", "short"): [0.7, 0.71, 0.72], ("b", "long"): [0.7, 0.72, 0.71]}
+    points = [_point(f"{n}_{t}", v, labels={"norm": n, "train": t}) for (n, t), v in accs.items()]
+    text = answer(points, study)
+    delta, lo, hi, p, _ = _welch_by_hand(accs["a", "long"], accs["a", "short"])
+    assert f"- a_long vs a_short: Δ = {delta:+.4f}, 95% CI [{lo:+.4f}, {hi:+.4f}], p = {p:.2g}" in text
+    delta, *_ = _welch_by_hand(accs["b", "long"], accs["b", "short"])
+    assert f"- b_long vs b_short: Δ = {delta:+.4f}" in text
+    assert "a_short vs" not in text and "b_short vs" not in text and "twin with train = short" in text
+
+
+def test_a_table_reference_must_name_an_axis_and_its_label(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(COMPARE.format(protocol="").replace('reference = "', 'reference = { norm = "nope" } #'))
+    with pytest.raises(StudyError, match="one grid axis and one of its labels"):
+        load_study(path)
+
+
 def test_lr_answer_finds_the_largest_converging_lr(fake_study):
     study = fake_study
     study.analysis = {"kind": "lr", "x": "lr", "facet": "norm", "min_train_acc": 0.5}

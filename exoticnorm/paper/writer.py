@@ -219,10 +219,15 @@ class Writer:
     def compare_table(self, s: StudyData) -> list[str]:
         other = self.other_protocol(s)
         ref = s.analysis.get("reference", s.cells[0]["cell"])
+        if isinstance(ref, dict):  # each cell against its twin with this label (study.py)
+            (axis, label), = ref.items()
+            ref_name, is_ref = f"its twin with {axis} = {label}", lambda c: c["labels"].get(axis) == label
+        else:
+            ref_name, is_ref = f"`{ref}`", lambda c: c["cell"] == ref
         head = ["cell", "n", "diverged", f"test acc ({s.protocol})"]
         if other:
             head.append(f"test acc ({other.removeprefix('test_acc_')})")
-        head += ["train acc", f"Δ vs `{ref}`", f"{self.ci_level()} CI", "p"]
+        head += ["train acc", f"Δ vs {ref_name}", f"{self.ci_level()} CI", "p"]
         lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for c in s.cells:
             k = c["cell"]
@@ -231,12 +236,12 @@ class Writer:
             if other:
                 row.append(self.mean_std(s, k, other))
             row.append(self.mean_std(s, k, "train_acc"))
-            row += list(self.delta(s, k)) if c.get("vs_reference") else ["reference" if k == ref else "–", "", ""]
+            row += list(self.delta(s, k)) if c.get("vs_reference") else ["reference" if is_ref(c) else "–", "", ""]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         groups = self.verdict(s)
         if any(groups.values()):
-            lines.append(f"Against `{ref}` ({self.ci_level()} CI of Δ): "
+            lines.append(f"Against {ref_name} ({self.ci_level()} CI of Δ): "
                          + "; ".join(f"{name}: {_cells_str(cells)}" for name, cells in groups.items() if cells) + ".")
             lines.append("")
         return lines
