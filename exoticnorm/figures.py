@@ -197,10 +197,12 @@ def fig_epoch_time(points: list[PointResult], study: Study, out: Path) -> list[s
 
 
 def focus_runs(points: list[PointResult], study: Study) -> list[tuple[PointResult, Path]]:
-    """The first seed's run folder of every cell matching ``analysis.focus`` (default: all)."""
+    """The first seed's run folder of every cell matching ``analysis.focus`` ({axis = label or
+    [labels]}; default: all cells)."""
     focus, seed = study.analysis.get("focus", {}), study.seeds[0]
+    wanted = {a: labels if isinstance(labels, list) else [labels] for a, labels in focus.items()}
     return [(p, p.dirs[p.seeds.index(seed)]) for p in points
-            if seed in p.seeds and all(p.labels.get(a) == label for a, label in focus.items())]
+            if seed in p.seeds and all(p.labels.get(a) in labels for a, labels in wanted.items())]
 
 
 def _smooth(y, window: int):

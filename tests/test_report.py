@@ -307,3 +307,5 @@ def test_focus_picks_the_first_seeds_runs_of_the_chosen_cells(compare_study):
     assert [(p.key, d) for p, d in focus_runs(points, study)] == [(k, runs / f"{k}-s0") for k in ACCS]
     study.analysis["focus"] = {"norm": "ln"}
     assert [(p.key, d) for p, d in focus_runs(points, study)] == [("ln", runs / "ln-s0")]
+    study.analysis["focus"] = {"norm": ["none", "bn"]}
+    assert [p.key for p, _ in focus_runs(points, study)] == [k for k in ACCS if k in ("none", "bn")]
