@@ -38,6 +38,14 @@ def _sites(norm_layers: str | Iterable[str]) -> tuple[str, ...]:
     return sites
 
 
+def check_activation_dropout(activation: str, dropout: float) -> None:
+    """The arguments every reference model shares, checked with one message."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
 class LeNet(nn.Module):
     """LeNet-5 as in d2l's batch-norm chapter, for 1×28×28 images:
 
@@ -67,10 +75,7 @@ class LeNet(nn.Module):
         in_channels: int = 1,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_activation_dropout(activation, dropout)
         sites = _sites(norm_layers)
         norm_kwargs = dict(norm_kwargs or {})
         self.norm_sites = sites

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 from torch import Tensor, nn
 
 from ..registry import create_norm
-from .lenet import ACTIVATIONS
+from .lenet import ACTIVATIONS, check_activation_dropout
 
 __all__ = ["ResNet", "BasicBlock"]
 
@@ -125,10 +125,7 @@ class ResNet(nn.Module):
         blocks_per_stage: int = 1,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        check_activation_dropout(activation, dropout)
         if width < 1 or blocks_per_stage < 1:
             raise ValueError(f"width and blocks_per_stage must be positive, got {width}, {blocks_per_stage}")
         sites = _sites(norm_layers, _all_sites(blocks_per_stage))
