@@ -101,19 +101,45 @@ def recompute(src: dict, root: Path, printed: str) -> str | None:
         return None
     assert kind == "data", kind
     cell, key, op = src["cell"], src["key"], src["op"]
-    if cell is None:
-        value = _lookup(doc, key)
-    elif cell == "*":
-        value = [_lookup(c, key) for c in doc]
-    else:
-        entry = next((c for c in doc if c["cell"] == cell), None)
+
+    def values(name, k=key):  # the key of a cell (of the file itself: cell None), minus src["minus"] per seed
+        entry = doc if name is None else next((c for c in doc if c["cell"] == name), None)
         if entry is None:
-            return f"no cell {cell} in {src['file']}"
-        value = (entry["n"] + entry["diverged"] + entry["missing"]) if op == "runs" else _lookup(entry, key)
+            raise LookupError(f"no cell {name} in {src['file']}")
+        v = _lookup(entry, k)
+        return [a - b for a, b in zip(v, _lookup(entry, src["minus"]))] if src.get("minus") else v
+
+    try:
+        if cell == "*":
+            value = [_lookup(c, key) for c in doc]
+        elif op == "runs":
+            entry = next(c for c in doc if c["cell"] == cell)
+            value = entry["n"] + entry["diverged"] + entry["missing"]
+        elif op == "ratio":
+            value = values(cell) / values(cell, src["over"])
+        elif op.startswith("welch."):
+            value = _welch(values(cell), values(src["vs"]))[op.removeprefix("welch.")]
+        else:
+            value = values(cell)
+    except (LookupError, StopIteration) as exc:
+        return str(exc) or f"no cell {cell} in {src['file']}"
     ops = {"value": lambda v: v, "runs": lambda v: v, "mean": statistics.mean, "std": statistics.stdev,
-           "len": len, "sum": sum, "min": min, "max": max}
-    got = format(ops[op](value), src["format"])
+           "len": len, "sum": sum, "min": min, "max": max, "ratio": lambda v: v}
+    got = format(ops.get(op, lambda v: v)(value), src["format"])
     return None if got == printed else f"{src['file']} {cell} {key} {op} gives {got}"
+
+
+def _welch(a: list[float], b: list[float]) -> dict:
+    """Δ = mean(a) − mean(b), Welch's 95% CI and p, by scipy (not exoticnorm.stats); no spread on
+    either side: the exact Δ (stats.welch's documented rule)."""
+    from scipy.stats import ttest_ind
+
+    delta = statistics.mean(a) - statistics.mean(b)
+    if statistics.stdev(a) == 0 and statistics.stdev(b) == 0:
+        return {"delta": delta, "ci_low": delta, "ci_high": delta, "p": float(delta == 0)}
+    res = ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(confidence_level=0.95)
+    return {"delta": delta, "ci_low": ci.low, "ci_high": ci.high, "p": res.pvalue}
 
 
 def untraced(paper_dir: Path) -> list[str]:
@@ -137,7 +163,8 @@ def untraced(paper_dir: Path) -> list[str]:
     cells = set()
     for src in (s for sources in prov["numbers"].values() for s in sources):
         if src["kind"] == "data" and src["file"].endswith("results.json") and (root / src["file"]).is_file():
-            for c in json.loads((root / src["file"]).read_text()):
+            doc = json.loads((root / src["file"]).read_text())
+            for c in doc if isinstance(doc, list) else []:  # a diagnosis: a dict, no cells
                 cells |= {c["cell"], *c["labels"].values()}
     verbatim = {v["text"]: v["file"] for v in prov.get("verbatim", [])}
     for span in spans:
@@ -309,6 +336,82 @@ def _fixture(tmp_path: Path, old: bool = True) -> Path:
     return studies
 
 
+BN = [0.870, 0.880, 0.875]
+# research: cell → (norm, norm_opts, test acc, train − test gap per seed)
+RESEARCH = {
+    "bn": ("bn", {}, BN, [0.01, 0.012, 0.011]),
+    "zca": ("zca", {}, [0.871, 0.879, 0.874], [0.03, 0.031, 0.029]),
+    "zca-pca": ("zca", {"transform": "pca"}, [0.86, 0.861, 0.859], [0.01, 0.01, 0.012]),
+    "block-zca-16": ("block-zca", {"group_size": 16}, [0.900, 0.905, 0.902], [0.02, 0.021, 0.019]),
+    "monarch-zca": ("monarch-zca", {}, [0.850, 0.852, 0.851], [0.02, 0.02, 0.021]),
+    "circulant-zca": ("circulant-zca", {}, [0.86], [0.02]),
+    "sparse-zca-0.25": ("sparse-zca", {"density": 0.25}, [0.895, 0.900, 0.898], [0.005, 0.004, 0.006]),
+    "sparse-zca-0.5": ("sparse-zca", {"density": 0.5}, [0.870, 0.878, 0.874], [0.03, 0.025, 0.035]),
+    "pit-normal": ("pit", {"output": "normal"}, [0.80, 0.81, 0.805], [0.01, 0.011, 0.012]),
+    "pit-uniform": ("pit", {"output": "uniform"}, [0.70, 0.72, 0.71], [0.01, 0.013, 0.012]),
+}
+
+
+def _research(studies: Path) -> None:
+    cells = []
+    for name, (norm, opts, acc, gap) in RESEARCH.items():
+        c = _cell(name, {"norm": name}, _config(norm=norm, norm_opts=opts), acc, acc,
+                  ref=None if name == "bn" else ("bn", BN))
+        c["train_acc"] = [a + g for a, g in zip(acc, gap)]
+        cells.append(c)
+    _study(studies, "research", 'question = "d2l\'s research ideas: do they work? PIT, ZCA at lr 0.1."\nseeds = 3\n'
+                                '[analysis]\nkind = "compare"\nreference = "bn"\nprotocol = "precise"\n', cells)
+
+
+TWINS = {("rbn", "last-32"): [0.40, 0.55, 0.45], ("rbn", "full"): [0.72, 0.73, 0.71],
+         ("bn", "last-32"): [0.72, 0.73, 0.725], ("bn", "full"): [0.721, 0.728, 0.73]}
+
+
+def _twins(studies: Path) -> None:
+    cells = []
+    for (norm, train), acc in TWINS.items():
+        twin = None if train == "last-32" else (f"{norm}_last-32", TWINS[norm, "last-32"])
+        cells.append(_cell(f"{norm}_{train}", {"norm": norm, "train": train}, _config(norm="bn"), acc, acc, ref=twin))
+    _study(studies, "twins", 'question = "Is it the last batch? A test."\nseeds = 3\n[analysis]\nkind = "compare"\n'
+                             'reference = { train = "last-32" }\nprotocol = "precise"\n', cells)
+
+
+def _diagnosis(studies: Path, noise: bool = True) -> None:
+    folder = studies / "pit-diagnosis"
+    folder.mkdir()
+    summary = {}
+    for i, v in enumerate(("bn", "pit-normal", "pit-uniform")):
+        summary[v] = {"train_loss_last100": 0.47 + 0.31 * i, "train_acc_last100": 0.83 - 0.1 * i,
+                      "test_acc_running": 0.82 - 0.2 * i, "test_acc_precise": 0.828 - 0.1 * i,
+                      "grad_norm_median": {"conv1": 0.35 / (1 + i), "fc3": 0.28 * (1 + i)},
+                      "gain_median": {"conv1": 5.4 - i, "fc1": 6.1 / (1 + i)},
+                      "slope_median_last": {"conv1": 5.2 - 2 * i, "fc1": 4.9 - i},
+                      "seconds": 20.0 + i}
+        if noise:
+            summary[v]["batch_noise_median"] = {"conv1": 0.027 * (1 + i), "fc1": 0.1 + 0.01 * i}
+    (folder / "results.json").write_text(json.dumps({"epochs": 2, "lr": 0.1, "torch": "9.9.9", "summary": summary,
+                                                     "per_step": {"bn": {"loss": [1.0, 0.5]}}}, indent=1))
+    (folder / "run.py").write_text('"""The diagnosis."""\n')
+    (folder / "README.md").write_text("# PIT's gap, diagnosed\n\nOne seed.\n\n![loss.png](loss.png)\n")
+    _png(folder / "loss.png", shade=7)
+
+
+def _ideas(tmp_path: Path, noise: bool = True) -> Path:
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    _research(studies)
+    _twins(studies)
+    _diagnosis(studies, noise)
+    (studies / "later.toml").write_text('question = """\nIs lr 0.3 too large? More text."""\n')
+    return studies
+
+
+def _item(name: str, a: list[float], b: list[float], vs: str | None = None) -> str:
+    w = _welch(a, b)
+    return (f"`{name}`" + (f" (vs `{vs}`)" if vs else "")
+            + f" Δ = {w['delta']:+.4f} [{w['ci_low']:+.4f}, {w['ci_high']:+.4f}]")
+
+
 def _write(studies: Path, out: Path, pdf: bool = False) -> str:
     write_paper(studies, out, pdf=pdf, echo=lambda *_: None)
     return (out / "paper.md").read_text()
@@ -451,3 +554,97 @@ def test_copy_of_committed_sources_detects_an_edit(tmp_path):
     first = NUMBER.search(md.split("## Abstract", 1)[1]).group()
     (copy / "paper.md").write_text(md.replace(first, first[:-1] + ("1" if first[-1] != "1" else "2"), 1))
     assert untraced(copy) and stale_sources(copy)
+
+
+def test_answers_give_the_verdicts_of_each_question(tmp_path):
+    studies = _ideas(tmp_path)
+    out = tmp_path / "paper"
+    md = _write(studies, out, pdf=HAS_TYPST)
+    answers = md.split("## Answers to d2l's questions", 1)[1].split("\n## ", 1)[0]
+    acc = {k: v[2] for k, v in RESEARCH.items()}
+    gap = {k: v[3] for k, v in RESEARCH.items()}
+    line = lambda *names: ", ".join(_item(n, acc[n], BN) for n in names)  # noqa: E731
+    assert (f"- **7.1** Can the probability integral transform serve as a norm? (`research`) lower than `bn`: "
+            f"{line('pit-normal', 'pit-uniform')}.\n") in answers
+    assert f"- **7.2** Can one use a full-rank covariance estimate? (`research`) no detectable difference from `bn`: " \
+           f"{line('zca')}.\n" in answers  # zca-pca is not full-rank zca in d2l's sense: with the rest
+    assert (f"(`research`) higher than `bn`: {line('block-zca-16')}; lower than `bn`: {line('monarch-zca')}; "
+            f"not tested (one run on a side): `circulant-zca` Δ = {statistics.mean(acc['circulant-zca']) - statistics.mean(BN):+.4f}.\n"
+            ) in answers
+    assert (f"higher than `bn`: {line('sparse-zca-0.25')}; no detectable difference from `bn`: {line('sparse-zca-0.5')}. "
+            f"Against dense `zca` (test accuracy): higher than `zca`: {_item('sparse-zca-0.25', acc['sparse-zca-0.25'], acc['zca'])}; "
+            f"no detectable difference from `zca`: {_item('sparse-zca-0.5', acc['sparse-zca-0.5'], acc['zca'])}.") in answers
+    means = ", ".join(f"`{n}` {statistics.mean(gap[n]):.4f}" for n in ("zca", "sparse-zca-0.25", "sparse-zca-0.5"))
+    assert (f"Train − test gap (mean over seeds of train acc − test acc): {means}; against `zca`'s: smaller gap than "
+            f"`zca`: {_item('sparse-zca-0.25', gap['sparse-zca-0.25'], gap['zca'])}; no detectable difference from "
+            f"`zca`: {_item('sparse-zca-0.5', gap['sparse-zca-0.5'], gap['zca'])}.") in answers
+    assert "the cells of no idea: lower than `bn`: " + line("zca-pca") in answers
+    assert "One-seed per-step diagnosis `pit-diagnosis` (not a comparison of means, no CI)" in answers
+    twin = _item("rbn_full", TWINS["rbn", "full"], TWINS["rbn", "last-32"], "rbn_last-32")
+    best = max(TWINS, key=lambda k: statistics.mean(TWINS[k]))
+    best_text = f"`{'_'.join(best)}`, {statistics.mean(TWINS[best]):.4f} ± {statistics.stdev(TWINS[best]):.4f}"
+    assert (f"- `twins`: Is it the last batch? best {best_text}; higher than its twin with train = "
+            f"last-32: {twin}; no detectable difference from its twin with train = last-32: "
+            f"{_item('bn_full', TWINS['bn', 'full'], TWINS['bn', 'last-32'], 'bn_last-32')}.\n") in answers
+    assert ("- `later`: Is lr 0.3 too large? Unanswered, no report yet (no results.json): run "
+            "`exoticnorm run studies/later.toml --jobs 2 && exoticnorm report studies/later.toml`.") in answers
+    # the twin study's table names each cell's twin and no stale pairing
+    assert "| compared with | Δ vs its twin with train = last-32 |" in md and "Stale report" not in md
+    assert "Against its twin with train = last-32 (Δ, 95% CI): higher than its twin with train = last-32: " + twin in md
+    # the diagnosis: a section with the ratios, its figure, its inputs hashed; everything traces
+    diag = md.split("### Diagnosis `pit-diagnosis`", 1)[1].split("\n## ", 1)[0]
+    assert "one seed" in diag and "not a comparison of means" in diag and "CI" not in diag
+    assert "| batch_noise_median | `pit-normal` | 2 | – | 1.1 |" in diag  # 0.054 / 0.027, 0.11 / 0.1 (no fc3)
+    assert "![pit-diagnosis: loss](../studies/pit-diagnosis/loss.png)" in diag
+    prov = json.loads((out / "provenance.json").read_text())
+    assert {"kind": "data", "file": "studies/pit-diagnosis/results.json", "study": "pit-diagnosis", "cell": None,
+            "key": "summary.pit-uniform.grad_norm_median.fc3", "op": "ratio",
+            "over": "summary.bn.grad_norm_median.fc3", "format": ".3g",
+            "how": "summary.pit-uniform.grad_norm_median.fc3 / summary.bn.grad_norm_median.fc3"} in prov["numbers"]["3"]
+    sources = json.loads((out / "sources.json").read_text())
+    assert "studies/pit-diagnosis/results.json" in sources["inputs"] and "studies/later.toml" in sources["inputs"]
+    assert "studies/pit-diagnosis/loss.png" in sources["figures"]
+    assert "python studies/pit-diagnosis/run.py --epochs 2 --lr 0.1" in md
+    assert untraced(out) == []
+    assert stale_sources(out, need_pdf=HAS_TYPST) == []
+
+
+def test_checks_fail_when_a_diagnosis_number_changes(tmp_path):
+    studies = _ideas(tmp_path)
+    out = tmp_path / "paper"
+    md = _write(studies, out)
+    assert untraced(out) == []
+    row = "| `pit-normal` | 0.7800 | 0.7300 | 0.7280 | 0.6200 |"
+    assert row in md
+    (out / "paper.md").write_text(md.replace(row, row.replace("0.7800", "0.7801")))
+    assert any("'0.7801' is in paper.md but not in provenance.json" in p for p in untraced(out))
+    (out / "paper.md").write_text(md)
+    results = studies / "pit-diagnosis" / "results.json"
+    doc = json.loads(results.read_text())
+    doc["summary"]["pit-normal"]["gain_median"]["conv1"] *= 1.5  # a ratio to bn changes
+    results.write_text(json.dumps(doc))
+    assert any("does not recompute" in p and "gain_median.conv1 ratio" in p for p in untraced(out))
+    assert any("studies/pit-diagnosis/results.json changed" in p for p in stale_sources(out, False))
+
+
+def test_diagnosis_without_batch_noise_and_research_not_run(tmp_path):
+    studies = _ideas(tmp_path, noise=False)
+    shutil.rmtree(studies / "research")
+    md = _write(studies, tmp_path / "paper")
+    assert "batch_noise" not in md and "| gain_median | `pit-uniform` |" in md
+    assert ("- **7.4** Does a sparsification compression act as a regularizer? Unanswered, `research`: no report yet "
+            "(no results.json); run `exoticnorm run studies/research.toml --jobs 2 && exoticnorm report "
+            "studies/research.toml`.") in md
+    assert "One-seed per-step diagnosis `pit-diagnosis`" in md.split("- **7.2**")[0]
+    assert untraced(tmp_path / "paper") == []
+
+
+def test_a_stale_twin_pairing_is_flagged(tmp_path):
+    studies = _ideas(tmp_path)
+    results = studies / "twins" / "results.json"
+    cells = json.loads(results.read_text())
+    cells[3]["vs_reference"]["reference"] = "rbn_last-32"  # bn_full against another cell than its twin
+    results.write_text(json.dumps(cells))
+    md = _write(studies, tmp_path / "paper")
+    assert "**Stale report:** `bn_full` are compared in results.json with another cell than its twin" in md
+    assert "(stale report: some cells not against their twin, see Results)." in md.split("## Methods")[0]

@@ -31,9 +31,9 @@ def render(studies: Path, out: Path, link_dir: Path | None = None,
         raise click.ClickException(f"no {literature} (the literature the paper quotes); run from the repository")
     link_dir = Path(link_dir) if link_dir is not None else out
     root = Path(os.path.commonpath([studies.resolve(), link_dir.resolve()]))
-    found, excluded = find_studies(studies, root)
+    found, excluded, diagnoses = find_studies(studies, root)
     protocol = check_protocols(found, excluded, studies, root)
-    writer = Writer(studies, link_dir, root, found, excluded, protocol, literature)
+    writer = Writer(studies, link_dir, root, found, excluded, protocol, literature, diagnoses)
     return writer.markdown(), writer
 
 
@@ -55,8 +55,9 @@ def write_paper(studies: Path, out: Path, pdf: bool = True, link_dir: Path | Non
     (out / "paper.md").write_text(markdown)
     (out / "provenance.json").write_text(_provenance_json(w.ledger.as_json(out)))
     root = w.root
-    files = sorted({p for p in w.studies.glob("*/results.json")} | {s.toml_path for s in w.found})
-    figures = [f for s in w.found for f in s.figures]
+    # every results.json and study file (the answers quote the questions of studies not included)
+    files = sorted({*w.studies.glob("*/results.json"), *w.studies.glob("*.toml")})
+    figures = [f for s in [*w.found, *w.diagnoses] for f in s.figures]
     sources = {"root": rel(root, out.resolve()),
                "inputs": {rel(p, root): sha256(p) for p in [*files, literature]},
                "figures": {rel(p, root): sha256(p) for p in figures},
@@ -71,8 +72,10 @@ def write_paper(studies: Path, out: Path, pdf: bool = True, link_dir: Path | Non
         sources["pdf"] = json.loads(old.read_text()).get("pdf")  # as it was: a stale PDF stays detectable
     (out / "sources.json").write_text(json.dumps(sources, indent=1) + "\n")
     names, left = ", ".join(s.name for s in w.found), ", ".join(e.name for e in w.excluded)
+    diag = ", ".join(d.name for d in w.diagnoses)
     echo(f"paper: {len(w.found)} {'study' if len(w.found) == 1 else 'studies'} ({names}) under the "
-         f"{w.protocol} protocol; {len(w.excluded)} not included" + (f" ({left})" if left else ""))
+         f"{w.protocol} protocol" + (f", diagnoses ({diag})" if diag else "")
+         + f"; {len(w.excluded)} not included" + (f" ({left})" if left else ""))
     echo(f"wrote {out / 'paper.md'}, provenance.json ({sum(map(len, w.ledger.numbers.values()))} numbers), "
          f"sources.json" + (", paper.pdf" if pdf else " (no PDF: --no-pdf)"))
     return sources

@@ -24,18 +24,33 @@ def lookup(doc: Any, key: str) -> Any:
     return doc
 
 
-def compute(doc: Any, cell: str | None, key: str, op: str) -> Any:
-    """The value of ``key`` in ``doc`` (a results.json list, or a .toml dict when cell is None)
-    after ``op``; cell ``*``: the key of every cell, as a list."""
-    if cell is None:
-        value = lookup(doc, key)
-    elif cell == "*":
+def series(doc: Any, cell: str | None, key: str, minus: str | None = None) -> Any:
+    """``key`` of the cell (of ``doc`` itself when cell is None); with ``minus``, elementwise
+    ``key − minus`` (e.g. train_acc − test_acc per seed)."""
+    entry = doc if cell is None else next(c for c in doc if c["cell"] == cell)
+    value = lookup(entry, key)
+    return value if minus is None else [a - b for a, b in zip(value, lookup(entry, minus), strict=True)]
+
+
+def compute(doc: Any, cell: str | None, key: str, op: str, minus: str | None = None,
+            over: str | None = None, vs: str | None = None) -> Any:
+    """The value of ``key`` in ``doc`` (a results.json list, or a dict when cell is None)
+    after ``op``; cell ``*``: the key of every cell, as a list. ``ratio``: key / ``over``;
+    ``welch.PART``: PART (delta, ci_low, ci_high, p) of Welch's test of the cell against cell
+    ``vs`` (stats.welch at its default level)."""
+    if cell == "*":
         value = [lookup(c, key) for c in doc]
-    else:
+    elif op == "runs":  # the planned seeds of a cell: finished + diverged + not run
         entry = next(c for c in doc if c["cell"] == cell)
-        if op == "runs":  # the planned seeds of a cell: finished + diverged + not run
-            return entry["n"] + entry["diverged"] + entry["missing"]
-        value = lookup(entry, key)
+        return entry["n"] + entry["diverged"] + entry["missing"]
+    elif op == "ratio":
+        return series(doc, cell, key) / series(doc, cell, over)
+    elif op.startswith("welch."):
+        from ..stats import welch
+
+        return welch(series(doc, cell, key, minus), series(doc, vs, key, minus)).as_dict()[op[6:]]
+    else:
+        value = series(doc, cell, key, minus)
     ops = {"value": lambda v: v, "mean": statistics.mean, "std": statistics.stdev, "len": len,
            "sum": sum, "min": min, "max": max}
     return ops[op](value)
@@ -43,7 +58,10 @@ def compute(doc: Any, cell: str | None, key: str, op: str) -> Any:
 
 _HOW = {"value": "{key} of {cells}", "mean": "mean of {key} of {cells}", "std": "sample std of {key} of {cells}",
         "len": "length of {key}", "sum": "sum of {key} over {cells}", "min": "minimum of {key} over {cells}",
-        "max": "maximum of {key} over {cells}", "runs": "planned runs of {cells}: n + diverged + missing"}
+        "max": "maximum of {key} over {cells}", "runs": "planned runs of {cells}: n + diverged + missing",
+        "ratio": "{key} / {over}", "welch.delta": "Welch's Δ of {key} against cell {vs}",
+        "welch.ci_low": "Welch's CI low of {key} against cell {vs}",
+        "welch.ci_high": "Welch's CI high of {key} against cell {vs}", "welch.p": "Welch's p of {key} against cell {vs}"}
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -70,14 +88,18 @@ class Ledger:
         return text
 
     def num(self, study: StudyData, cell: str | None, key: str, op: str = "value",
-            fmt: str = ".4f", how: str = "") -> str:
-        """A number of the study's results.json (cell given) or study file (cell None)."""
-        doc, path = (study.cells, study.results_path) if cell is not None else (study.spec, study.toml_path)
-        text = _fmt(compute(doc, cell, key, op), fmt)
+            fmt: str = ".4f", how: str = "", **more: str) -> str:
+        """A number of the study's results.json (cell given) or study file (cell None; a
+        diagnosis, which has no study file: its results.json). ``more``: ``minus``, ``over``,
+        ``vs`` of ``compute``, recorded with the source."""
+        diag = study.toml_path is None
+        doc, path = (study.cells, study.results_path) if cell is not None or diag else (study.spec, study.toml_path)
+        text = _fmt(compute(doc, cell, key, op, **more), fmt)
         where = "every cell" if cell == "*" else "the cell"
+        key_text = f"{key} − {more['minus']} per seed" if "minus" in more else key
         return self._add(text, {"kind": "data", "file": rel(path, self.root), "study": study.name,
-                                "cell": cell, "key": key, "op": op, "format": fmt,
-                                "how": how or _HOW[op].format(key=key, cells=where)})
+                                "cell": cell, "key": key, "op": op, **more, "format": fmt,
+                                "how": how or _HOW[op].format(key=key_text, cells=where, **more)})
 
     def define(self, text: str, meaning: str, code: str | None = None, scale: float = 1.0,
                fmt: str = "g", suffix: str = "") -> str:

@@ -51,6 +51,41 @@ class StudyData:
 
 
 @dataclass
+class Diagnosis:
+    """A per-step diagnosis (a folder's run.py wrote results.json = {epochs, lr, summary:
+    {variant: {...}}}): one seed, no study file; numbers come from its results.json."""
+
+    name: str
+    dir: Path
+    results_path: Path
+    cells: dict  # the whole results.json (``Ledger.num`` with cell None reads its keys)
+    figures: list[Path]
+    readme: str
+    toml_path: None = None
+
+    @property
+    def summary(self) -> dict[str, dict]:
+        return self.cells["summary"]
+
+    @property
+    def title(self) -> str:
+        return next((line[2:].strip() for line in self.readme.splitlines() if line.startswith("# ")), self.name)
+
+
+#: the keys every variant of a diagnosis summary has (studies/pit-diagnosis/run.py)
+DIAGNOSIS_KEYS = {"train_loss_last100", "train_acc_last100", "test_acc_running", "test_acc_precise"}
+
+
+def _diagnosis(name: str, folder: Path, results: Path, doc) -> Diagnosis | None:
+    summary = doc.get("summary") if isinstance(doc, dict) else None
+    if not (isinstance(summary, dict) and "bn" in summary and "epochs" in doc and "lr" in doc
+            and all(isinstance(v, dict) and DIAGNOSIS_KEYS <= v.keys() for v in summary.values())):
+        return None
+    readme = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    return Diagnosis(name, folder, results, doc, _figures(folder, readme), readme)
+
+
+@dataclass
 class Excluded:
     name: str
     reason: str
@@ -68,12 +103,13 @@ def study_commands(studies: Path, name: str, root: Path) -> list[str]:
     return [f"exoticnorm run {toml} --jobs 2", f"exoticnorm report {toml}"]
 
 
-def find_studies(studies: Path, root: Path) -> tuple[list[StudyData], list[Excluded]]:
-    """The reports in ``studies`` that carry a protocol, and the rest with the reason."""
+def find_studies(studies: Path, root: Path) -> tuple[list[StudyData], list[Excluded], list[Diagnosis]]:
+    """The reports in ``studies`` that carry a protocol, the rest with the reason, and the
+    per-step diagnoses (a summary of variants with a bn among them)."""
     names = sorted({p.parent.name for p in studies.glob("*/results.json")}
                    | {p.stem for p in studies.glob("*.toml")}
                    | {p.name for p in studies.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))})
-    found, excluded = [], []
+    found, excluded, diagnoses = [], [], []
     for name in names:
         folder, toml = studies / name, studies / f"{name}.toml"
         results = folder / "results.json"
@@ -88,9 +124,13 @@ def find_studies(studies: Path, root: Path) -> tuple[list[StudyData], list[Exclu
         except json.JSONDecodeError as exc:
             excluded.append(Excluded(name, f"results.json is not valid JSON ({exc})", fix))
             continue
+        diagnosis = _diagnosis(name, folder, results, cells)
+        if diagnosis is not None:
+            diagnoses.append(diagnosis)
+            continue
         if not (isinstance(cells, list) and cells and all(isinstance(c, dict) and "cell" in c for c in cells)):
-            excluded.append(Excluded(name, "results.json is not a list of study cells: not a report of "
-                                           "`exoticnorm report`", fix))
+            excluded.append(Excluded(name, "results.json is neither a list of study cells (a report of "
+                                           "`exoticnorm report`) nor a diagnosis summary with a bn variant", fix))
             continue
         protocols = {c.get("protocol") for c in cells}
         if None in protocols:
@@ -113,7 +153,7 @@ def find_studies(studies: Path, root: Path) -> tuple[list[StudyData], list[Exclu
             continue
         readme = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
         found.append(StudyData(name, folder, results, toml, cells, spec, protocol, _figures(folder, readme), readme))
-    return found, excluded
+    return found, excluded, diagnoses
 
 
 def check_protocols(found: list[StudyData], excluded: list[Excluded], studies: Path, root: Path) -> str:
