@@ -34,12 +34,13 @@ class ActivationRecorder:
     passes run the norms in training mode too).
     """
 
-    def __init__(self, norms: dict[str, nn.Module], steps_per_epoch: int, hist_every: int = 10) -> None:
+    def __init__(self, norms: dict[str, nn.Module], steps_per_epoch: int, hist_every: int = 10,
+                 device: torch.device | str = "cpu") -> None:
         self.sites = list(norms)
-        self.steps_per_epoch, self.hist_every = steps_per_epoch, hist_every
+        self.steps_per_epoch, self.hist_every, self.device = steps_per_epoch, hist_every, torch.device(device)
         self.step, self.paused = 0, False
-        self._inner = HIST_EDGES[1:-1]
-        self._epoch: dict[str, Tensor] | None = None
+        self._inner = HIST_EDGES[1:-1].to(self.device)
+        self._epoch = self._fresh()
         self.history: dict[str, Tensor] = {
             "mean": torch.zeros(0, len(self.sites)), "std": torch.zeros(0, len(self.sites)),
             "hist_step": torch.zeros(0, dtype=torch.long),
@@ -47,16 +48,11 @@ class ActivationRecorder:
         }
         self.handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(norms.values())]
 
-    def _buffers(self, device: torch.device) -> dict[str, Tensor]:
-        if self._epoch is None:
-            s, n = len(self.sites), self.steps_per_epoch
-            n_hist = -(-n // self.hist_every)
-            self._epoch = {
-                "mean": torch.zeros(n, s, device=device), "std": torch.zeros(n, s, device=device),
-                "hist": torch.zeros(n_hist, s, len(HIST_EDGES) - 1, device=device),
-            }
-            self._inner = self._inner.to(device)
-        return self._epoch
+    def _fresh(self) -> dict[str, Tensor]:
+        """An epoch's buffers on the device, allocated up front: every rank syncs the same shapes."""
+        s, n, kw = len(self.sites), self.steps_per_epoch, {"device": self.device}
+        return {"mean": torch.zeros(n, s, **kw), "std": torch.zeros(n, s, **kw),
+                "hist": torch.zeros(-(-n // self.hist_every), s, len(HIST_EDGES) - 1, **kw)}
 
     def _hook(self, i: int):
         def hook(module, inputs, output):
@@ -64,7 +60,7 @@ class ActivationRecorder:
                 return
             with torch.no_grad():
                 y = output.detach().float()
-                buf = self._buffers(y.device)
+                buf = self._epoch
                 std, mean = torch.std_mean(y)
                 buf["mean"][self.step, i], buf["std"][self.step, i] = mean, std
                 if self.step % self.hist_every == 0:
@@ -76,11 +72,11 @@ class ActivationRecorder:
     def end_epoch(self) -> dict[str, float]:
         """Append the epoch (averaged over the ranks) to ``history``; return its per-site means
         of the per-step mean and std (``act/SITE/mean``, ``act/SITE/std``)."""
-        if self._epoch is None:
+        if not self.sites:
             return {}
         world = distributed.world_size()
         buf = {k: (distributed.all_sum(v) / world).cpu() for k, v in self._epoch.items()}
-        self._epoch = None
+        self._epoch = self._fresh()
         offset = len(self.history["mean"])
         hist_step = offset + torch.arange(0, self.steps_per_epoch, self.hist_every)
         h = self.history
@@ -100,14 +96,12 @@ class ActivationRecorder:
         torch.save(self.state(), path)
 
     def restore(self, path: Path, epochs: int) -> None:
-        """Take the first ``epochs`` epochs of a saved history (resuming a run; rows it lacks
-        are NaN); a missing or foreign file leaves the history empty."""
-        if not path.is_file():
-            return
-        saved = load_activations(path)
-        if saved["sites"] != self.sites or saved["steps_per_epoch"] != self.steps_per_epoch:
-            return
+        """Take the first ``epochs`` epochs of a saved history (resuming a run); rows it lacks,
+        or all ``epochs`` of them when the file is missing or from another model, are NaN."""
         t = epochs * self.steps_per_epoch
+        saved = load_activations(path) if path.is_file() else None
+        if saved is None or saved["sites"] != self.sites or saved["steps_per_epoch"] != self.steps_per_epoch:
+            saved = {k: v[:0] for k, v in self.history.items()}
         keep = saved["hist_step"] < t
         gap = torch.full((max(0, t - len(saved["mean"])), len(self.sites)), torch.nan)  # lost rows
         self.history = {"mean": torch.cat([saved["mean"][:t], gap]), "std": torch.cat([saved["std"][:t], gap]),

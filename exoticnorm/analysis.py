@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .figures import fig_final_vs_x, fig_sweeps
-from .points import PointResult, acc_key, converged, facets, fmt, protocol, x_of
+from .points import MIN_TRAIN_ACC, PointResult, acc_key, converged, facets, fmt, protocol, x_of
 from .stats import Difference, welch
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ def _compare(points: list[PointResult], study: Study) -> str:
 
 def _lr(points: list[PointResult], study: Study) -> str:
     key = acc_key(study)
-    min_acc = float(study.analysis.get("min_train_acc", 0.5))
+    min_acc = float(study.analysis.get("min_train_acc", MIN_TRAIN_ACC))
     lines = [f"Converged = every seed finished without divergence with train accuracy ≥ {min_acc}.", "",
              (f"| {study.analysis.get('facet', 'cells')} | largest converging {study.analysis['x']} | "
               f"best {study.analysis['x']} | test acc ({protocol(study)}) at best | diverged (runs) |"),

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .points import PointResult, acc_key, converged, facets, protocol, short_label, x_of
+from .points import MIN_TRAIN_ACC, PointResult, acc_key, converged, facets, protocol, short_label, x_of
 
 if TYPE_CHECKING:
     from .study import Study
@@ -118,7 +118,7 @@ def fig_final_vs_x(points: list[PointResult], study: Study, out: Path, boundary:
     converging x (analysis.min_train_acc)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    min_acc = float(study.analysis.get("min_train_acc", 0.5))
+    min_acc = float(study.analysis.get("min_train_acc", MIN_TRAIN_ACC))
     for i, (facet, group) in enumerate(facets(points, study).items()):
         color = _color(i, 10)
         xs, ms, ss = [], [], []
@@ -228,9 +228,9 @@ def fig_activations(points: list[PointResult], study: Study, out: Path) -> list[
     """From the ``activations.pt`` of ``focus_runs`` (runs without one are skipped): each
     norm's output mean and std per batch over the first FIRST_BATCHES steps and over the whole
     run, the histogram of its outputs over time, and the fraction beyond ±SATURATED."""
-    import torch
+    from .activations import load_activations
 
-    runs = [(p, torch.load(d / "activations.pt", weights_only=True)) for p, d in focus_runs(points, study)
+    runs = [(p, load_activations(d / "activations.pt")) for p, d in focus_runs(points, study)
             if (d / "activations.pt").is_file()]
     runs = [(p, a) for p, a in runs if a["sites"] and len(a["mean"])]
     sites = list(dict.fromkeys(s for _, a in runs for s in a["sites"]))

@@ -15,7 +15,7 @@ from .stats import mean_std
 if TYPE_CHECKING:
     from .study import Study
 
-__all__ = ["PointResult", "PROTOCOLS", "DEFAULT_PROTOCOL", "protocol", "acc_key", "facets", "x_of",
+__all__ = ["PointResult", "PROTOCOLS", "DEFAULT_PROTOCOL", "ACC_KEYS", "MIN_TRAIN_ACC", "protocol", "acc_key", "facets", "x_of",
            "converged", "short_label", "fmt"]
 
 #: eval protocols: the test accuracy ``test_acc_<protocol>`` of every run (see train.evaluate_both)
@@ -24,6 +24,10 @@ PROTOCOLS = {
     "running": "the running statistics as training left them (d2l's evaluation)",
 }
 DEFAULT_PROTOCOL = "precise"
+#: protocol → the run's key of its test accuracy
+ACC_KEYS = {name: f"test_acc_{name}" for name in PROTOCOLS}
+#: the train-accuracy floor of "converged" when a study does not set analysis.min_train_acc
+MIN_TRAIN_ACC = 0.5
 
 
 def protocol(study: Study) -> str:
@@ -33,7 +37,7 @@ def protocol(study: Study) -> str:
 
 def acc_key(study: Study) -> str:
     """The summary/metrics key of the test accuracy the study is answered with."""
-    return f"test_acc_{protocol(study)}"
+    return ACC_KEYS[protocol(study)]
 
 
 @dataclass

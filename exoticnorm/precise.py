@@ -25,13 +25,17 @@ def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged
     Norms are those with running statistics and, when ``only_flagged``, ``precise_eval`` set
     (whitening, PIT); norms without a cumulative mode (``cumulative = False``) are skipped. Their statistics are reset and averaged cumulatively over the batches in
     training mode; every other module runs in eval mode (no dropout). Returns how many norms
-    were recomputed (0: the batches were not used).
+    were recomputed (0: no such norms or no batches; then nothing changed).
     """
     norms = [m for m in model.modules()
              if getattr(m, "track_running_stats", False) and hasattr(m, "reset_running_stats")
              and getattr(m, "cumulative", True)
              and (getattr(m, "precise_eval", False) or not only_flagged)]
     if not norms:
+        return 0
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:  # nothing to recompute from: keep the statistics as they are
         return 0
     was_training = model.training
     momenta = [n.momentum for n in norms]
@@ -40,13 +44,12 @@ def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged
         n.reset_running_stats()
         n.momentum = None
         n.train()
-    used = 0
     try:
+        model(first)
         for x in batches:
             model(x)
-            used += 1
     finally:
         for n, momentum in zip(norms, momenta):
             n.momentum = momentum
         model.train(was_training)
-    return len(norms) if used else 0
+    return len(norms)

@@ -29,11 +29,11 @@ from typing import Callable, Iterable
 from .analysis import answer, difference, kind_of
 from .figures import fig_activations, fig_curves, fig_epoch_time, focus_runs
 from .study import Study, StudyError, config_dict
-from .points import PROTOCOLS, PointResult, acc_key, fmt, protocol
+from .points import ACC_KEYS, PROTOCOLS, PointResult, acc_key, fmt, protocol
 
 __all__ = ["collect", "table", "summarize", "make_report", "wandb_report_for", "build_wandb_report"]
 
-PROTOCOL_KEYS = ("test_acc_running", "test_acc_precise")
+PROTOCOL_KEYS = (ACC_KEYS["running"], ACC_KEYS["precise"])
 
 
 def _read_metrics(path: Path) -> list[dict]:
@@ -67,8 +67,13 @@ def collect(study: Study, runs: Path) -> list[PointResult]:
         if summary is None:
             p.missing += 1
             continue
+        metrics = _read_metrics(d / "metrics.jsonl")
+        if any(not set(PROTOCOL_KEYS) <= line.keys() for line in metrics):  # resumed across the change
+            old[cell.key] = old.get(cell.key, 0) + 1
+            p.missing += 1
+            continue
         p.summaries.append(summary)
-        p.metrics.append(_read_metrics(d / "metrics.jsonl"))
+        p.metrics.append(metrics)
         p.dirs.append(d)
         p.seeds.append(cell.config.seed)
     if old:

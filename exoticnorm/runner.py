@@ -136,7 +136,8 @@ def _run_locked(study_name, cell, run_dir, device, data_dir, wandb_mode, downloa
             echo(f"failed: {type(exc).__name__}: {exc}")
             return {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                     "seconds": time.perf_counter() - t0}
-    return {"status": summary["status"], "test_acc": summary.get("test_acc"),
+    return {"status": summary["status"], "test_acc_running": summary.get("test_acc_running"),
+            "test_acc_precise": summary.get("test_acc_precise"),
             "seconds": time.perf_counter() - t0, "resumed": resume}
 
 
@@ -186,7 +187,8 @@ def run_cells(
     def report(i: int, cell: Cell, result: dict) -> None:
         nonlocal said_offline
         counts[result["status"] if result["status"] in counts else "failed"] += 1
-        detail = (f"test {result['test_acc']:.4f}" if result.get("test_acc") is not None
+        detail = (f"test {result['test_acc_running']:.4f} running, {result['test_acc_precise']:.4f} precise"
+                  if result.get("test_acc_precise") is not None
                   else result.get("error", ""))
         echo(f"[{i}/{len(todo)}] {cell.run_name}: {result['status']} {detail} "
              f"({result['seconds']:.0f} s{', resumed' if result.get('resumed') else ''})")

@@ -38,7 +38,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .analysis import KINDS
-from .points import DEFAULT_PROTOCOL, PROTOCOLS
+from .points import ACC_KEYS, DEFAULT_PROTOCOL, PROTOCOLS
 from .train import RunConfig, RunError, check_setting
 
 __all__ = ["StudyError", "Cell", "Study", "load_study", "parse_shard"]
@@ -68,9 +68,6 @@ class Cell:
     @property
     def run_name(self) -> str:
         return f"{self.key}-s{self.config.seed}"
-
-    def label(self, axis: str) -> str:
-        return dict(self.labels)[axis]
 
 
 @dataclass
@@ -109,7 +106,7 @@ class Study:
             command.append(f"--seeds={len(self.seeds)}")
         return {
             "name": self.run_dir_name, "program": "exoticnorm", "method": "grid",
-            "metric": {"name": "test_acc", "goal": "maximize"},
+            "metric": {"name": ACC_KEYS[self.analysis.get("protocol", DEFAULT_PROTOCOL)], "goal": "maximize"},
             "parameters": params, "command": command + ["${args}"],
         }
 

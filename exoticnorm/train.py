@@ -587,6 +587,10 @@ def _train(config, out, dev, net, ckpt, data, wandb_mode, echo, group, stop_afte
         if main:
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
             kept = [l for l in lines if _epoch_of(l) is not None and _epoch_of(l) <= start_epoch]
+            if any(key not in json.loads(l) for l in kept for key in EVAL_KEYS):
+                raise RunError(f"--resume: {out} was evaluated under the old per-norm eval protocol "
+                               f"(its metrics.jsonl lacks {', '.join(EVAL_KEYS[:4])}); a resumed run would "
+                               "mix protocols. Start it again with another --out (this run is kept as it is)")
             _atomic_write(metrics_path, lambda p: p.write_text("".join(l + "\n" for l in kept)))
         echo(f"resuming {out} after epoch {start_epoch}")
     model = distributed.wrap(net, dev)  # what trains: DDP over the ranks, else the net itself
@@ -600,7 +604,7 @@ def _train(config, out, dev, net, ckpt, data, wandb_mode, echo, group, stop_afte
     n_data = len(data.train_x)
     n_train = _train_size(n_data, config.batch_size)
     steps = math.ceil(n_train / config.batch_size)
-    stats = ActivationRecorder(net.norms(), steps)
+    stats = ActivationRecorder(net.norms(), steps, device=dev)
     stats.restore(out / "activations.pt", start_epoch)
     on = f"device {dev}" if world == 1 else f"{world} processes on {dev.type}"
     echo(f"{name}: {n_params} parameters, {n_train} training "

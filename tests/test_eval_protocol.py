@@ -9,6 +9,7 @@ import torch
 import exoticnorm as en
 from exoticnorm.activations import HIST_EDGES, ActivationRecorder, load_activations
 from exoticnorm.models import LeNet
+from exoticnorm.precise import precise_statistics
 from exoticnorm.train import EVAL_KEYS, RunConfig, evaluate_both, train_run
 
 
@@ -138,6 +139,36 @@ def test_run_files_carry_both_protocols_and_resume_keeps_the_activation_history(
     assert a["mean"].shape == (2 * steps, 4)
     for key in ("mean", "std", "hist", "hist_step"):
         torch.testing.assert_close(b[key], a[key])
+
+
+def test_restore_without_a_saved_history_keeps_steps_aligned(tmp_path):
+    rec = ActivationRecorder(LeNet("bn").norms(), steps_per_epoch=4, hist_every=2)
+    rec.restore(tmp_path / "missing.pt", epochs=2)
+    assert rec.history["mean"].shape == (8, 4) and rec.history["mean"].isnan().all()
+    rec.end_epoch()  # epoch 3 (nothing recorded) lands at rows 8..11, its histograms at steps 8, 10
+    assert rec.history["mean"].shape == (12, 4)
+    assert rec.history["hist_step"].tolist() == [8, 10]
+
+
+def test_no_precise_batches_leaves_the_statistics_alone():
+    net = _trained_lenet("bn")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert precise_statistics(net, [], only_flagged=False) == 0
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resuming_a_run_recorded_under_the_old_protocol_is_refused(tmp_path, fake_data):
+    config = RunConfig(norm="bn", epochs=2, batch_size=64, precise_stats=2)
+    kw = dict(data_dir=fake_data, device="cpu", download=False, echo=lambda s: None, wandb_mode="disabled")
+    run = tmp_path / "old"
+    assert train_run(config, run, stop_after=1, **kw)["status"] == "stopped"
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    old = [{k: v for k, v in l.items() if k not in EVAL_KEYS} for l in lines]  # as runs were before
+    (run / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in old))
+    with pytest.raises(en.train.RunError, match="old per-norm eval protocol"):
+        train_run(config, run, resume=True, **kw)
+    assert (run / "checkpoint.pt").is_file() and (run / "metrics.jsonl").read_text()  # nothing lost
 
 
 def test_resnet_runs_with_relu_by_default():

@@ -41,7 +41,7 @@ NOTES = REPO.parent / "shared" / "research-notes.md"
 RERUN = "run `exoticnorm paper` (and commit paper/)"
 
 # percentages, and numbers with a decimal point (signed, with an exponent)
-NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?%|(?<![\w.])[-+−]?\d+\.\d+(?:e[-+]?\d+)?")
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?%|(?<![\w.])[-+−]?\d+(?:\.\d+(?:e[-+]?\d+)?|e[-+]?\d+)")
 
 try:
     import typst  # noqa: F401

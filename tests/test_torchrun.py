@@ -74,13 +74,14 @@ def _assert_same_run(one: Path, two: Path) -> None:
     a, b = _metrics(one), _metrics(two)
     assert [r["epoch"] for r in b] == [r["epoch"] for r in a] == [1, 2]  # rank 0 alone writes
     diffs = {k: max(abs(x[k] - y[k]) for x, y in zip(a, b))
-             for k in ("train_loss", "test_loss", "train_acc", "test_acc")}
+             for k in ("train_loss", "test_loss", "train_acc", "test_acc", "test_loss_running", "test_acc_running")}
     print(f"2 processes vs 1, max abs diff per epoch: {diffs}")
     for x, y in zip(a, b):
-        for key in ("train_loss", "test_loss"):
+        for key in ("train_loss", "test_loss", "test_loss_running"):
             assert y[key] == pytest.approx(x[key], rel=RTOL, abs=0), (key, x["epoch"], diffs)
         assert abs(y["train_acc"] - x["train_acc"]) <= 1.5 / 251, (x["epoch"], diffs)
-        assert abs(y["test_acc"] - x["test_acc"]) <= 1.5 / 128, (x["epoch"], diffs)
+        for key in ("test_acc", "test_acc_running"):
+            assert abs(y[key] - x[key]) <= 1.5 / 128, (key, x["epoch"], diffs)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["processes"] == 2
 

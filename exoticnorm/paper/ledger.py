@@ -15,7 +15,7 @@ from .sources import StudyData, rel
 
 #: what counts as a number in the paper: percentages and numbers with a decimal point
 #: (optionally signed, optionally with an exponent); integers are not scanned.
-NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?%|(?<![\w.])[-+−]?\d+\.\d+(?:e[-+]?\d+)?")
+NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?%|(?<![\w.])[-+−]?\d+(?:\.\d+(?:e[-+]?\d+)?|e[-+]?\d+)")
 
 
 def lookup(doc: Any, key: str) -> Any:

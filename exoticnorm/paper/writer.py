@@ -8,12 +8,12 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..points import ACC_KEYS as PROTOCOL_KEYS, MIN_TRAIN_ACC
 from ..stats import welch
 from .ledger import Ledger, lookup, series
 from .sources import RUNS_NOTE, Diagnosis, Excluded, StudyData, read_toml, rel, study_commands
 from .text import INTRO, LITERATURE_TEXT, METHODS
 
-PROTOCOL_KEYS = {"precise": "test_acc_precise", "running": "test_acc_running"}
 
 #: d2l's research ideas (exercise 7 of the batch-norm chapter): number, question, the norms of
 #: their cells in the study ``RESEARCH`` (7.2: zca with its default transform only)
@@ -505,7 +505,8 @@ class Writer:
             floor = s.analysis["min_train_acc"]
             floor_text = self.L.num(s, None, "analysis.min_train_acc", fmt="g")
         else:  # the default of analysis._lr
-            floor, floor_text = 0.5, self.L.define("0.5", "default of analysis.min_train_acc (exoticnorm/analysis.py)")
+            floor = MIN_TRAIN_ACC
+            floor_text = self.L.define(f"{floor:g}", "default of analysis.min_train_acc (exoticnorm/points.py)")
         lines = [f"Converged = every planned seed finished, none diverged, train accuracy ≥ {floor_text} in "
                  "each. Per " + facet + ":", "",
                  f"| {facet} | largest converging {x} | best {x} | test acc at best |", "|---|---|---|---|"]
