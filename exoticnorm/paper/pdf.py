@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 
 import click
@@ -195,8 +196,28 @@ def build_pdf(markdown: str, out: Path, root: Path) -> bytes:
         raise click.ClickException("the PDF needs the typst package: pip install 'exoticnorm[paper]' "
                                    "(or pass --no-pdf)") from exc
     source = to_typst(markdown, root, out)
-    try:
-        return typst.compile(source.encode(), root=str(root), ignore_system_fonts=True, timestamp=0)
-    except Exception as exc:  # typst raises its own error types with the compiler's message
-        (out / "paper.typ").write_text(source)
-        raise click.ClickException(f"typst could not compile the paper ({out / 'paper.typ'} kept): {exc}") from exc
+    with tempfile.TemporaryDirectory() as small:
+        for path in re.findall(r'image\("/([^"]+)"', source):
+            _shrink(Path(root) / path, Path(small) / path)
+        try:
+            return typst.compile(source.encode(), root=small, ignore_system_fonts=True, timestamp=0)
+        except Exception as exc:  # typst raises its own error types with the compiler's message
+            (out / "paper.typ").write_text(source)
+            raise click.ClickException(f"typst could not compile the paper ({out / 'paper.typ'} kept): {exc}") from exc
+
+
+#: figure width in the PDF, pixels: 88% of an A4 text column at about 150 dpi
+FIGURE_PX = 1000
+
+
+def _shrink(src: Path, dst: Path) -> None:
+    """A copy of the PNG ``src`` at most FIGURE_PX wide in 256 colours (the committed PDF stays
+    small; the full figures are in the studies' folders)."""
+    from PIL import Image
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        if im.width > FIGURE_PX:
+            im = im.resize((FIGURE_PX, round(im.height * FIGURE_PX / im.width)), Image.LANCZOS)
+        im.quantize(256).save(dst, optimize=True)
