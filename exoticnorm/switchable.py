@@ -33,9 +33,8 @@ from torch import Tensor, nn
 
 from . import functional as EF
 from . import whitening as W
-from .base import RunningStatsNorm
 from .distributed import synced
-from .zca import SHRINKAGE, ranks_mean, synced_moments
+from .zca import GroupedStatsNorm, check_whitening_options, ranks_mean, synced_moments
 
 __all__ = ["SwitchableWhitening", "switchable_whiten", "COMPONENTS"]
 
@@ -75,7 +74,7 @@ def switchable_whiten(xv: Tensor, batch_mean: Tensor, batch_cov: Tensor, layer_m
     return w @ (xv - mean)
 
 
-class SwitchableWhitening(RunningStatsNorm):
+class SwitchableWhitening(GroupedStatsNorm):
     """Switchable whitening (Pan et al. 2019): whiten with learned softmax mixtures of batch,
     instance and layer means and covariances (see ``exoticnorm.switchable``).
 
@@ -105,36 +104,19 @@ class SwitchableWhitening(RunningStatsNorm):
                  track_running_stats: bool = True, shrinkage: str | float = "auto",
                  method: str = "auto", iterations: int = 5, process_group: Any = None,
                  device=None, dtype=None) -> None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        self._group_size = min(group_size, num_features) if isinstance(num_features, int) and num_features > 0 else group_size
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, group_size, eps, momentum, affine, track_running_stats, device, dtype)
         components = tuple(components) if not isinstance(components, str) else (components,)
         bad = [k for k in components if k not in COMPONENTS]
         if not components or bad or len(set(components)) != len(components):
             raise ValueError(f"components must be distinct names from {', '.join(COMPONENTS)}, "
                              f"got {components!r}")
-        if method not in W.METHODS:
-            raise ValueError(f"unknown method {method!r}; use one of {', '.join(W.METHODS)}")
-        if not (isinstance(iterations, int) and iterations >= 1):
-            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        if not (shrinkage in SHRINKAGE or (isinstance(shrinkage, (int, float))
-                                           and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1)):
-            raise ValueError(f"shrinkage must be 'auto', 'lw' or a number in [0, 1], got {shrinkage!r}")
+        check_whitening_options(method, iterations, shrinkage)
         self.components, self.tie_weight = components, bool(tie_weight)
         self.shrinkage, self.method, self.iterations = shrinkage, method, iterations
         self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         self.mean_weight = nn.Parameter(torch.zeros(len(components), **factory))
         self.cov_weight = None if self.tie_weight else nn.Parameter(torch.zeros(len(components), **factory))
-
-    @property
-    def group_size(self) -> int:
-        return self._group_size
-
-    @property
-    def num_groups(self) -> int:
-        return -(-self.num_features // self._group_size)
 
     @property
     def spec(self) -> W.WhiteningSpec:
@@ -145,18 +127,6 @@ class SwitchableWhitening(RunningStatsNorm):
         for p in (getattr(self, "mean_weight", None), getattr(self, "cov_weight", None)):
             if p is not None:
                 nn.init.zeros_(p)
-
-    def _running_shape(self, name: str) -> tuple[int, ...]:
-        if name == "running_cov":
-            return (self.num_groups, self._group_size, self._group_size)
-        if name == "running_shrinkage":
-            return (self.num_groups,)
-        return super()._running_shape(name)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        if self.track_running_stats:
-            self.running_cov.copy_(torch.eye(self._group_size).expand_as(self.running_cov))
 
     def _weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         mean_w = torch.softmax(self.mean_weight.to(dtype), 0)

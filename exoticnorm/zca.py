@@ -58,8 +58,58 @@ def ranks_mean(value: Tensor, process_group: Any) -> Tensor:
     return value / dist.get_world_size(process_group)
 
 
-class _Whitening(RunningStatsNorm):
+def check_whitening_options(method: str, iterations: int, shrinkage: str | float) -> None:
+    """The options every covariance-whitening norm shares; a ValueError that says what is allowed."""
+    if method not in W.METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(W.METHODS)}")
+    if not (isinstance(iterations, int) and iterations >= 1):
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if not (shrinkage in SHRINKAGE or (isinstance(shrinkage, (int, float))
+                                       and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1)):
+        raise ValueError(f"shrinkage must be 'auto', 'lw' or a number in [0, 1], got {shrinkage!r}")
+
+
+class GroupedStatsNorm(RunningStatsNorm):
+    """Running statistics per group of ``group_size`` channels (the last group may be short):
+    a (groups, g, g) matrix for each name in ``_group_matrices``, reset to the identity, and a
+    per-group ``running_shrinkage``; the rest as RunningStatsNorm."""
+
+    _group_matrices: tuple[str, ...] = ("running_cov",)
+
+    def __init__(self, num_features: int, group_size: int, eps: float, momentum: float | None,
+                 affine: bool, track_running_stats: bool, device=None, dtype=None) -> None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+        positive = isinstance(num_features, int) and num_features > 0
+        self._group_size = min(group_size, num_features) if positive else group_size
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+
+    @property
+    def group_size(self) -> int:
+        return self._group_size
+
+    @property
+    def num_groups(self) -> int:
+        return math.ceil(self.num_features / self._group_size)
+
+    def _running_shape(self, name: str) -> tuple[int, ...]:
+        if name in self._group_matrices:
+            return (self.num_groups, self._group_size, self._group_size)
+        if name == "running_shrinkage":
+            return (self.num_groups,)
+        return super()._running_shape(name)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        if self.track_running_stats:
+            for name in self._group_matrices:
+                getattr(self, name).copy_(torch.eye(self._group_size).expand_as(getattr(self, name)))
+
+
+class _Whitening(GroupedStatsNorm):
     """Shared machinery of the ZCA family (see the module docstring)."""
+
+    _group_matrices = ("running_cov", "running_whitening")
 
     _running_stats = {
         "running_mean": (0.0, True),
@@ -91,17 +141,8 @@ class _Whitening(RunningStatsNorm):
         transform: str = "zca",
     ) -> None:
         group_size = num_features if group_size is None else group_size
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        self._group_size = min(group_size, num_features) if num_features > 0 else group_size
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if method not in W.METHODS:
-            raise ValueError(f"unknown method {method!r}; use one of {', '.join(W.METHODS)}")
-        if not (isinstance(iterations, int) and iterations >= 1):
-            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-        if not (shrinkage in SHRINKAGE or (isinstance(shrinkage, (int, float))
-                                           and not isinstance(shrinkage, bool) and 0 <= shrinkage <= 1)):
-            raise ValueError(f"shrinkage must be 'auto', 'lw' or a number in [0, 1], got {shrinkage!r}")
+        super().__init__(num_features, group_size, eps, momentum, affine, track_running_stats, device, dtype)
+        check_whitening_options(method, iterations, shrinkage)
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {density!r}")
         if sparsify not in ("whitening", "covariance"):
@@ -119,27 +160,6 @@ class _Whitening(RunningStatsNorm):
         self.eval_from = eval_from
         self.process_group = process_group
         self._eval_cache: tuple | None = None
-
-    @property
-    def group_size(self) -> int:
-        return self._group_size
-
-    @property
-    def num_groups(self) -> int:
-        return math.ceil(self.num_features / self._group_size)
-
-    def _running_shape(self, name: str) -> tuple[int, ...]:
-        if name in ("running_cov", "running_whitening"):
-            return (self.num_groups, self._group_size, self._group_size)
-        if name == "running_shrinkage":
-            return (self.num_groups,)
-        return super()._running_shape(name)
-
-    def reset_running_stats(self) -> None:
-        super().reset_running_stats()
-        if self.track_running_stats:
-            for name in ("running_cov", "running_whitening"):
-                getattr(self, name).copy_(torch.eye(self._group_size).expand_as(self.running_cov))
 
     # --- the transform ------------------------------------------------------------------
 
