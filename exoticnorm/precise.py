@@ -18,19 +18,56 @@ from torch import Tensor, nn
 __all__ = ["precise_statistics"]
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the norm being recomputed has run."""
+
+
+def _stop(*_) -> None:
+    raise _Stop
+
+
+def _select(model: nn.Module, only_flagged: bool) -> list[nn.Module]:
+    return [m for m in model.modules()
+            if getattr(m, "track_running_stats", False) and hasattr(m, "reset_running_stats")
+            and getattr(m, "cumulative", True)
+            and (getattr(m, "precise_eval", False) or not only_flagged)]
+
+
+def _forward_order(model: nn.Module, norms: list[nn.Module], x: Tensor) -> list[nn.Module]:
+    """``norms`` in the order a forward pass (eval mode, nothing updated) calls them; norms it
+    never calls are left out."""
+    seen: list[nn.Module] = []
+    hooks = [n.register_forward_pre_hook(lambda m, _: seen.append(m) if m not in seen else None)
+             for n in norms]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 @torch.no_grad()
-def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged: bool = True) -> int:
+def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged: bool = True,
+                       sequential: bool = False) -> int:
     """Recompute the running statistics of the norms in ``model`` from ``batches``.
 
     Norms are those with running statistics and, when ``only_flagged``, ``precise_eval`` set
-    (whitening, PIT); norms without a cumulative mode (``cumulative = False``) are skipped. Their statistics are reset and averaged cumulatively over the batches in
-    training mode; every other module runs in eval mode (no dropout). Returns how many norms
-    were recomputed (0: no such norms or no batches; then nothing changed).
+    (whitening, PIT); norms without a cumulative mode (``cumulative = False``) are skipped.
+    Their statistics are reset and averaged cumulatively over the batches in training mode;
+    every other module runs in eval mode (no dropout).
+
+    ``sequential``: one norm at a time in forward order, each over all batches with the norms
+    before it already in eval mode, so that every norm's statistics describe the inputs it gets
+    at eval time (one pass over the batches per norm, each stopped after that norm). Without it
+    all norms are recomputed in one pass with each other in training mode, so a norm's
+    statistics describe inputs shaped by the training transforms before it; where a norm's eval
+    transform differs from its training transform (PIT at tied values) that gap compounds with
+    depth (studies/pit-diagnosis/resnet-eval.md).
+
+    Returns how many norms were recomputed (0: no such norms or no batches; then nothing changed).
     """
-    norms = [m for m in model.modules()
-             if getattr(m, "track_running_stats", False) and hasattr(m, "reset_running_stats")
-             and getattr(m, "cumulative", True)
-             and (getattr(m, "precise_eval", False) or not only_flagged)]
+    norms = _select(model, only_flagged)
     if not norms:
         return 0
     batches = iter(batches)
@@ -40,16 +77,34 @@ def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged
     was_training = model.training
     momenta = [n.momentum for n in norms]
     model.eval()
-    for n in norms:
-        n.reset_running_stats()
-        n.momentum = None
-        n.train()
     try:
-        model(first)
-        for x in batches:
-            model(x)
+        if not sequential:
+            for n in norms:
+                n.reset_running_stats()
+                n.momentum = None
+                n.train()
+            model(first)
+            for x in batches:
+                model(x)
+            return len(norms)
+        batches = [first, *batches]
+        norms = _forward_order(model, norms, first)
+        for n in norms:
+            n.reset_running_stats()
+            n.momentum = None
+            n.train()
+            stop = n.register_forward_hook(_stop)
+            try:
+                for x in batches:
+                    try:
+                        model(x)
+                    except _Stop:
+                        pass
+            finally:
+                stop.remove()
+                n.eval()
+        return len(norms)
     finally:
-        for n, momentum in zip(norms, momenta):
+        for n, momentum in zip(_select(model, only_flagged), momenta):
             n.momentum = momentum
         model.train(was_training)
-    return len(norms)

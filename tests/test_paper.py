@@ -648,3 +648,40 @@ def test_a_stale_twin_pairing_is_flagged(tmp_path):
     md = _write(studies, tmp_path / "paper")
     assert "**Stale report:** `bn_full` are compared in results.json with another cell than its twin" in md
     assert "(stale report: some cells not against their twin, see Results)." in md.split("## Methods")[0]
+
+
+def _probe(studies: Path, study: str = "alpha", summary: dict | None = None) -> Path:
+    folder = studies / "pit-diagnosis"
+    folder.mkdir(exist_ok=True)
+    summary = summary or {"all_eval": {"mean": 0.3115, "std": 0.2107}, "all_batch": {"mean": 0.6839, "std": 0.0063},
+                          "all_eval_sequential": {"mean": 0.6781, "std": 0.011}}
+    path = folder / "resnet-eval.json"
+    path.write_text(json.dumps({"study": study, "images": 500, "summary": summary, "runs": {}}))
+    return path
+
+
+def test_an_eval_probe_joins_its_study_traced_and_tracked(tmp_path):
+    studies = _fixture(tmp_path, old=False)
+    probe = _probe(studies)
+    out = tmp_path / "paper"
+    md = _write(studies, out)
+    section = md.split("### Study `alpha`")[1].split("### Study `beta`")[0]
+    assert "**Where PIT's eval accuracy goes**" in section and "the first 500 test images" in section
+    assert "accuracy 0.3115 ± 0.2107" in section and "sketches give 0.6781 ± 0.0110" in section
+    assert untraced(out) == [] and stale_sources(out, False) == []
+    prov = json.loads((out / "provenance.json").read_text())
+    assert {"kind": "data", "file": "studies/pit-diagnosis/resnet-eval.json", "study": "pit-diagnosis/resnet-eval",
+            "cell": None, "key": "summary.all_batch.mean", "op": "value", "format": ".4f",
+            "how": "summary.all_batch.mean of the cell"} in prov["numbers"]["0.6839"]
+    doc = json.loads(probe.read_text())
+    doc["summary"]["all_eval_sequential"]["mean"] = 0.5
+    probe.write_text(json.dumps(doc))
+    assert any("does not recompute" in p for p in untraced(out))
+    assert any("studies/pit-diagnosis/resnet-eval.json changed" in p for p in stale_sources(out, False))
+
+
+def test_a_malformed_eval_probe_is_an_error_saying_what_to_do(tmp_path):
+    studies = _fixture(tmp_path, old=False)
+    _probe(studies, summary={"all_eval": {"mean": 0.3, "std": 0.2}})
+    with pytest.raises(click.ClickException, match="resnet-eval.json: not an eval probe .*rewrite it with its script"):
+        _write(studies, tmp_path / "paper")

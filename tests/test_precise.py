@@ -37,3 +37,64 @@ def test_pit_sketch_momentum_follows_and_nothing_flagged_is_a_no_op():
     assert precise_statistics(model, [torch.randn(32, 3) for _ in range(3)]) == 1
     assert pit.sketch.momentum == 0.2 and torch.equal(pit.sketch.weight, torch.full((3,), 96.0))
     assert precise_statistics(nn.Sequential(nn.Linear(3, 3), en.BatchNorm(3)), [torch.randn(8, 3)]) == 0
+
+
+class _Reversed(nn.Module):
+    """Two norms registered in the opposite order to the one forward calls them in, and one
+    that forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.late, self.unused = en.BatchNorm(4, dtype=torch.float64), en.BatchNorm(4, dtype=torch.float64)
+        self.fc1 = nn.Linear(5, 6, dtype=torch.float64)
+        self.early = en.BatchNorm(6, dtype=torch.float64)
+        self.fc2 = nn.Linear(6, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.late(self.fc2(torch.sigmoid(self.early(self.fc1(x)))))
+
+
+def test_sequential_statistics_describe_the_eval_inputs_in_forward_order():
+    torch.manual_seed(0)
+    model = _Reversed()
+    with torch.no_grad():
+        model.early.weight.uniform_(0.5, 2.0), model.early.bias.uniform_(-1, 1)
+    unused = model.unused.running_mean.clone()
+    batches = [torch.randn(16, 5, dtype=torch.float64) * 3 + 1 for _ in range(3)]
+    model.train()
+    assert precise_statistics(model, batches, only_flagged=False, sequential=True) == 2
+
+    def moments(h):  # cumulative average of per-batch means and unbiased variances
+        return torch.stack([b.mean(0) for b in h]).mean(0), torch.stack([b.var(0) for b in h]).mean(0)
+
+    with torch.no_grad():
+        h1 = [model.fc1(b) for b in batches]
+        mean1, var1 = moments(h1)
+        early = lambda h: (h - mean1) / torch.sqrt(var1 + model.early.eps) * model.early.weight + model.early.bias
+        h2 = [model.fc2(torch.sigmoid(early(h))) for h in h1]  # `early` in eval, as `late` will see
+        mean2, var2 = moments(h2)
+        h2_train = [model.fc2(torch.sigmoid(torch.nn.functional.batch_norm(
+            h, None, None, model.early.weight, model.early.bias, True, 0.0, model.early.eps))) for h in h1]
+    torch.testing.assert_close(model.early.running_mean, mean1)
+    torch.testing.assert_close(model.early.running_var, var1)
+    torch.testing.assert_close(model.late.running_mean, mean2)
+    torch.testing.assert_close(model.late.running_var, var2)
+    # one pass (the default) gives `late` the statistics of the training-mode inputs instead
+    assert not torch.allclose(moments(h2_train)[0], mean2, atol=1e-3)
+    assert torch.equal(model.unused.running_mean, unused)
+    assert model.training and model.early.momentum == 0.1 and model.late.momentum == 0.1
+
+
+def test_sequential_matches_one_pass_for_a_single_norm_and_keeps_state_without_batches():
+    torch.manual_seed(1)
+    a = nn.Sequential(nn.Linear(3, 4), en.ZCANorm(4, shrinkage=0.0)).eval()
+    b = nn.Sequential(nn.Linear(3, 4), en.ZCANorm(4, shrinkage=0.0)).eval()
+    b.load_state_dict(a.state_dict())
+    batches = [torch.randn(32, 3) for _ in range(3)]
+    assert precise_statistics(a, batches) == precise_statistics(b, batches, sequential=True) == 1
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v)
+    assert not a.training and not b.training
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    assert precise_statistics(a, [], sequential=True) == 0
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())

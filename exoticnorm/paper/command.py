@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from .pdf import build_pdf
-from .sources import check_protocols, find_studies, rel
+from .sources import check_protocols, find_eval_probes, find_studies, rel
 from .writer import Writer
 
 #: what the paper quotes from published work (the repository's paper/ folder)
@@ -33,7 +33,8 @@ def render(studies: Path, out: Path, link_dir: Path | None = None,
     root = Path(os.path.commonpath([studies.resolve(), link_dir.resolve()]))
     found, excluded, diagnoses = find_studies(studies, root)
     protocol = check_protocols(found, excluded, studies, root)
-    writer = Writer(studies, link_dir, root, found, excluded, protocol, literature, diagnoses)
+    writer = Writer(studies, link_dir, root, found, excluded, protocol, literature, diagnoses,
+                    find_eval_probes(studies))
     return writer.markdown(), writer
 
 
@@ -55,8 +56,10 @@ def write_paper(studies: Path, out: Path, pdf: bool = True, link_dir: Path | Non
     (out / "paper.md").write_text(markdown)
     (out / "provenance.json").write_text(_provenance_json(w.ledger.as_json(out)))
     root = w.root
-    # every results.json and study file (the answers quote the questions of studies not included)
-    files = sorted({*w.studies.glob("*/results.json"), *w.studies.glob("*.toml")})
+    # every results.json, eval probe and study file (the answers quote the questions of studies
+    # not included)
+    files = sorted({*w.studies.glob("*/results.json"), *(d.results_path for d in w.probes.values()),
+                    *w.studies.glob("*.toml")})
     figures = [f for s in [*w.found, *w.diagnoses] for f in s.figures]
     sources = {"root": rel(root, out.resolve()),
                "inputs": {rel(p, root): sha256(p) for p in [*files, literature]},

@@ -85,6 +85,26 @@ def _diagnosis(name: str, folder: Path, results: Path, doc) -> Diagnosis | None:
     return Diagnosis(name, folder, results, doc, _figures(folder, readme), readme)
 
 
+#: the accuracies an eval probe (studies/pit-diagnosis/resnet_eval.py) summarises
+PROBE_KEYS = ("all_eval", "all_batch", "all_eval_sequential")
+
+
+def find_eval_probes(studies: Path) -> dict[str, Diagnosis]:
+    """Eval probes of a study's finished runs (``studies/*/*-eval.json`` = {study, images,
+    summary: {key: {mean, std}}, runs}), by the study they probe; numbers come from the json."""
+    probes = {}
+    for path in sorted(studies.glob("*/*-eval.json")):
+        doc = json.loads(path.read_text())
+        if not (isinstance(doc, dict) and isinstance(doc.get("summary"), dict)
+                and all(k in doc["summary"] for k in PROBE_KEYS) and "study" in doc):
+            raise click.ClickException(f"{path}: not an eval probe ({{study, images, summary, runs}} with "
+                                       f"{', '.join(PROBE_KEYS)}); rewrite it with its script")
+        md = path.with_suffix(".md")
+        probes[doc["study"]] = Diagnosis(f"{path.parent.name}/{path.stem}", path.parent, path, doc, [],
+                                         md.read_text() if md.is_file() else "")
+    return probes
+
+
 @dataclass
 class Excluded:
     name: str

@@ -61,11 +61,12 @@ class Writer:
 
     def __init__(self, studies: Path, link_dir: Path, root: Path, found: list[StudyData],
                  excluded: list[Excluded], protocol: str, literature: Path,
-                 diagnoses: list[Diagnosis] = ()) -> None:
+                 diagnoses: list[Diagnosis] = (), probes: dict[str, Diagnosis] | None = None) -> None:
         # link_dir: where paper.md will be read from (figure links, the --out of the commands)
         self.studies, self.link_dir, self.root = studies, link_dir, root
         self.found, self.excluded, self.protocol = found, excluded, protocol
         self.diagnoses = list(diagnoses)
+        self.probes = dict(probes or {})  # study name → eval probe of its runs
         self.lit_path = literature
         self.lit = read_toml(literature)
         self.claims = {c["id"]: c for c in self.lit.get("claim", [])}
@@ -445,8 +446,31 @@ class Writer:
                 lines += self.delta_table(s)
         else:
             lines += self.compare_table(s)
+        if s.name in self.probes:
+            lines += self.probe(self.probes[s.name])
         lines += self.figures(s)
         return lines
+
+    def probe(self, d: Diagnosis) -> list[str]:
+        """A study's PIT eval probe (studies/pit-diagnosis/resnet_eval.py): three accuracies."""
+        def acc(key: str) -> str:
+            return (f"{self.L.num(d, None, f'summary.{key}.mean')} ± "
+                    f"{self.L.num(d, None, f'summary.{key}.std')}")
+        script = d.dir / "resnet_eval.py"
+        return [f"**Where PIT's eval accuracy goes** (`{rel(d.results_path.with_suffix('.md'), self.root)}`"
+                + (f", by `{rel(script, self.root)}`" if script.is_file() else "")
+                + f"; this study's PIT runs, the first {d.cells['images']} test images, mean ± std over runs): "
+                f"with every PIT layer in eval, its sketch rebuilt by the precise protocol, accuracy "
+                f"{acc('all_eval')}; with every layer on the test batch's own CDF (its training transform), "
+                f"{acc('all_batch')}, close to the runs' train accuracy, so the weights generalise and the eval "
+                "transform loses the rest. One layer in eval at a time costs almost nothing; together they "
+                "compound: each layer's eval transform differs from its training transform at tied values "
+                "(zero padding around FashionMNIST's constant background gives each border pattern its own "
+                "exact value, and a sketch keeps only a channel's largest tie), and one-pass precise statistics "
+                "describe each layer's inputs under the training transforms before it. Rebuilt one layer at a "
+                "time with the layers before it in eval (`precise_statistics(..., sequential=True)`), the "
+                f"sketches give {acc('all_eval_sequential')}. That is a measurement on these runs, not this "
+                "paper's protocol, which stays one-pass for every norm.", ""]
 
     def compare_table(self, s: StudyData) -> list[str]:
         other = self.other_protocol(s)
