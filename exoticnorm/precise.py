@@ -18,12 +18,9 @@ from torch import Tensor, nn
 __all__ = ["precise_statistics"]
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the norm being recomputed has run."""
-
-
-def _stop(*_) -> None:
-    raise _Stop
+class _Stop(BaseException):
+    """Raised by a hook to end a forward pass once the norm being recomputed has run its last
+    call (a BaseException, so that a model's own ``except Exception`` does not swallow it)."""
 
 
 def _select(model: nn.Module, only_flagged: bool) -> list[nn.Module]:
@@ -33,18 +30,37 @@ def _select(model: nn.Module, only_flagged: bool) -> list[nn.Module]:
             and (getattr(m, "precise_eval", False) or not only_flagged)]
 
 
-def _forward_order(model: nn.Module, norms: list[nn.Module], x: Tensor) -> list[nn.Module]:
-    """``norms`` in the order a forward pass (eval mode, nothing updated) calls them; norms it
-    never calls are left out."""
-    seen: list[nn.Module] = []
-    hooks = [n.register_forward_pre_hook(lambda m, _: seen.append(m) if m not in seen else None)
+def _forward_order(model: nn.Module, norms: list[nn.Module], x: Tensor) -> dict[nn.Module, int]:
+    """``norms`` in the order a forward pass (eval mode, nothing updated) first calls them, each
+    with how often it is called; norms it never calls are left out."""
+    calls: dict[nn.Module, int] = {}
+    hooks = [n.register_forward_pre_hook(lambda m, _: calls.__setitem__(m, calls.get(m, 0) + 1))
              for n in norms]
     try:
         model(x)
     finally:
         for h in hooks:
             h.remove()
-    return seen
+    if not calls:
+        raise RuntimeError(
+            "precise_statistics(sequential=True): a forward pass called none of the model's "
+            f"{len(norms)} norms through their hooks (a compiled or wrapped model?); pass the plain "
+            "nn.Module, or use sequential=False")
+    return calls
+
+
+def _stop_after(calls: int):
+    """A forward hook that ends the forward pass at the ``calls``-th call of its module."""
+    count = 0
+
+    def hook(*_) -> None:
+        nonlocal count
+        count += 1
+        if count == calls:
+            count = 0
+            raise _Stop
+
+    return hook
 
 
 @torch.no_grad()
@@ -59,41 +75,42 @@ def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged
 
     ``sequential``: one norm at a time in forward order, each over all batches with the norms
     before it already in eval mode, so that every norm's statistics describe the inputs it gets
-    at eval time (one pass over the batches per norm, each stopped after that norm). Without it
-    all norms are recomputed in one pass with each other in training mode, so a norm's
-    statistics describe inputs shaped by the training transforms before it; where a norm's eval
-    transform differs from its training transform (PIT at tied values) that gap compounds with
-    depth (studies/pit-diagnosis/resnet-eval.md).
+    at eval time (one pass over the batches per norm, each stopped after that norm's last call;
+    the batches are held in memory; norms the forward never calls keep their statistics).
+    Without it all norms are recomputed in one pass with each other in training mode, so a
+    norm's statistics describe inputs shaped by the training transforms before it; where a
+    norm's eval transform differs from its training transform (PIT at tied values) that gap
+    compounds with depth (studies/pit-diagnosis/resnet-eval.md).
 
     Returns how many norms were recomputed (0: no such norms or no batches; then nothing changed).
     """
-    norms = _select(model, only_flagged)
-    if not norms:
+    selected = _select(model, only_flagged)
+    if not selected:
         return 0
     batches = iter(batches)
     first = next(batches, None)
     if first is None:  # nothing to recompute from: keep the statistics as they are
         return 0
     was_training = model.training
-    momenta = [n.momentum for n in norms]
+    momenta = [n.momentum for n in selected]
     model.eval()
     try:
         if not sequential:
-            for n in norms:
+            for n in selected:
                 n.reset_running_stats()
                 n.momentum = None
                 n.train()
             model(first)
             for x in batches:
                 model(x)
-            return len(norms)
+            return len(selected)
         batches = [first, *batches]
-        norms = _forward_order(model, norms, first)
-        for n in norms:
+        order = _forward_order(model, selected, first)
+        for n, calls in order.items():
             n.reset_running_stats()
             n.momentum = None
             n.train()
-            stop = n.register_forward_hook(_stop)
+            stop = n.register_forward_hook(_stop_after(calls))
             try:
                 for x in batches:
                     try:
@@ -103,8 +120,8 @@ def precise_statistics(model: nn.Module, batches: Iterable[Tensor], only_flagged
             finally:
                 stop.remove()
                 n.eval()
-        return len(norms)
+        return len(order)
     finally:
-        for n, momentum in zip(_select(model, only_flagged), momenta):
+        for n, momentum in zip(selected, momenta):
             n.momentum = momentum
         model.train(was_training)

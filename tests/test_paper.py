@@ -667,7 +667,7 @@ def test_an_eval_probe_joins_its_study_traced_and_tracked(tmp_path):
     md = _write(studies, out)
     section = md.split("### Study `alpha`")[1].split("### Study `beta`")[0]
     assert "**Where PIT's eval accuracy goes**" in section and "the first 500 test images" in section
-    assert "accuracy 0.3115 ± 0.2107" in section and "sketches give 0.6781 ± 0.0110" in section
+    assert "accuracy 0.3115 ± 0.2107" in section and "the sketches give 0.6781 ± 0.0110" in section
     assert untraced(out) == [] and stale_sources(out, False) == []
     prov = json.loads((out / "provenance.json").read_text())
     assert {"kind": "data", "file": "studies/pit-diagnosis/resnet-eval.json", "study": "pit-diagnosis/resnet-eval",
@@ -684,4 +684,11 @@ def test_a_malformed_eval_probe_is_an_error_saying_what_to_do(tmp_path):
     studies = _fixture(tmp_path, old=False)
     _probe(studies, summary={"all_eval": {"mean": 0.3, "std": 0.2}})
     with pytest.raises(click.ClickException, match="resnet-eval.json: not an eval probe .*rewrite it with its script"):
+        _write(studies, tmp_path / "paper")
+    (studies / "pit-diagnosis" / "resnet-eval.json").write_text("{")
+    with pytest.raises(click.ClickException, match="not an eval probe"):
+        _write(studies, tmp_path / "paper")
+    _probe(studies)
+    (studies / "pit-diagnosis" / "other-eval.json").write_text((studies / "pit-diagnosis" / "resnet-eval.json").read_text())
+    with pytest.raises(click.ClickException, match="both probe study 'alpha'; keep one"):
         _write(studies, tmp_path / "paper")

@@ -1,5 +1,8 @@
 """Precise eval statistics: recomputed with the current weights, only for flagged norms."""
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 
@@ -45,13 +48,18 @@ class _Reversed(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.late, self.unused = en.BatchNorm(4, dtype=torch.float64), en.BatchNorm(4, dtype=torch.float64)
-        self.fc1 = nn.Linear(5, 6, dtype=torch.float64)
-        self.early = en.BatchNorm(6, dtype=torch.float64)
-        self.fc2 = nn.Linear(6, 4, dtype=torch.float64)
+        f64 = {"dtype": torch.float64}
+        self.late, self.unused = en.BatchNorm(4, momentum=0.3, **f64), en.BatchNorm(4, momentum=0.2, **f64)
+        self.fc1 = nn.Linear(5, 6, **f64)
+        self.early = en.BatchNorm(6, momentum=0.1, **f64)
+        self.fc2 = nn.Linear(6, 4, **f64)
 
     def forward(self, x):
         return self.late(self.fc2(torch.sigmoid(self.early(self.fc1(x)))))
+
+
+def _moments(h):  # cumulative average of per-batch means and unbiased variances
+    return torch.stack([b.mean(0) for b in h]).mean(0), torch.stack([b.var(0) for b in h]).mean(0)
 
 
 def test_sequential_statistics_describe_the_eval_inputs_in_forward_order():
@@ -59,42 +67,74 @@ def test_sequential_statistics_describe_the_eval_inputs_in_forward_order():
     model = _Reversed()
     with torch.no_grad():
         model.early.weight.uniform_(0.5, 2.0), model.early.bias.uniform_(-1, 1)
+    one_pass = copy.deepcopy(model)
     unused = model.unused.running_mean.clone()
     batches = [torch.randn(16, 5, dtype=torch.float64) * 3 + 1 for _ in range(3)]
     model.train()
     assert precise_statistics(model, batches, only_flagged=False, sequential=True) == 2
-
-    def moments(h):  # cumulative average of per-batch means and unbiased variances
-        return torch.stack([b.mean(0) for b in h]).mean(0), torch.stack([b.var(0) for b in h]).mean(0)
+    assert precise_statistics(one_pass, batches, only_flagged=False) == 3
 
     with torch.no_grad():
         h1 = [model.fc1(b) for b in batches]
-        mean1, var1 = moments(h1)
+        mean1, var1 = _moments(h1)
         early = lambda h: (h - mean1) / torch.sqrt(var1 + model.early.eps) * model.early.weight + model.early.bias
         h2 = [model.fc2(torch.sigmoid(early(h))) for h in h1]  # `early` in eval, as `late` will see
-        mean2, var2 = moments(h2)
         h2_train = [model.fc2(torch.sigmoid(torch.nn.functional.batch_norm(
             h, None, None, model.early.weight, model.early.bias, True, 0.0, model.early.eps))) for h in h1]
-    torch.testing.assert_close(model.early.running_mean, mean1)
-    torch.testing.assert_close(model.early.running_var, var1)
-    torch.testing.assert_close(model.late.running_mean, mean2)
-    torch.testing.assert_close(model.late.running_var, var2)
-    # one pass (the default) gives `late` the statistics of the training-mode inputs instead
-    assert not torch.allclose(moments(h2_train)[0], mean2, atol=1e-3)
+    for got, want in ((model.early.running_mean, mean1), (model.early.running_var, var1),
+                      ((model.late.running_mean, model.late.running_var), _moments(h2)),
+                      ((one_pass.late.running_mean, one_pass.late.running_var), _moments(h2_train))):
+        torch.testing.assert_close(got, want)
+    # the two modes differ for the second norm: one pass sees the training transform before it
+    assert not torch.allclose(one_pass.late.running_mean, model.late.running_mean, atol=1e-3)
     assert torch.equal(model.unused.running_mean, unused)
-    assert model.training and model.early.momentum == 0.1 and model.late.momentum == 0.1
+    assert model.training and (model.early.momentum, model.late.momentum, model.unused.momentum) == (0.1, 0.3, 0.2)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
-def test_sequential_matches_one_pass_for_a_single_norm_and_keeps_state_without_batches():
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = en.BatchNorm(3, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.norm(self.norm(x) * 2 + 1)
+
+
+def test_sequential_counts_every_call_of_a_norm_used_twice():
+    batches = [torch.randn(8, 3, dtype=torch.float64) for _ in range(2)]
+    a, b = _Twice(), _Twice()
+    precise_statistics(a, batches, only_flagged=False)
+    precise_statistics(b, batches, only_flagged=False, sequential=True)
+    torch.testing.assert_close(b.norm.running_mean, a.norm.running_mean)
+    assert int(b.norm.num_batches_tracked) == 4
+
+
+class _Bypass(nn.Module):
+    """Calls its norm's forward directly, so no hook sees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = en.BatchNorm(3)
+
+    def forward(self, x):
+        return self.norm.forward(x)
+
+
+def test_sequential_without_hooks_firing_is_an_error_that_says_what_to_do():
+    model = _Bypass()
+    before = model.norm.running_var.clone()
+    with pytest.raises(RuntimeError, match="called none of the model's 1 norms.*sequential=False"):
+        precise_statistics(model, [torch.randn(8, 3)], only_flagged=False, sequential=True)
+    assert torch.equal(model.norm.running_var, before) and model.training
+
+
+def test_sequential_matches_one_pass_for_a_single_norm():
     torch.manual_seed(1)
     a = nn.Sequential(nn.Linear(3, 4), en.ZCANorm(4, shrinkage=0.0)).eval()
-    b = nn.Sequential(nn.Linear(3, 4), en.ZCANorm(4, shrinkage=0.0)).eval()
-    b.load_state_dict(a.state_dict())
+    b = copy.deepcopy(a)
     batches = [torch.randn(32, 3) for _ in range(3)]
     assert precise_statistics(a, batches) == precise_statistics(b, batches, sequential=True) == 1
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v)
     assert not a.training and not b.training
-    before = {k: v.clone() for k, v in a.state_dict().items()}
-    assert precise_statistics(a, [], sequential=True) == 0
-    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())

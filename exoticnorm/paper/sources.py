@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import click
@@ -89,16 +90,28 @@ def _diagnosis(name: str, folder: Path, results: Path, doc) -> Diagnosis | None:
 PROBE_KEYS = ("all_eval", "all_batch", "all_eval_sequential")
 
 
+def _is_probe(doc: Any) -> bool:
+    def stat(v: Any) -> bool:
+        return isinstance(v, dict) and all(isinstance(v.get(k), (int, float)) for k in ("mean", "std"))
+    return (isinstance(doc, dict) and isinstance(doc.get("study"), str) and isinstance(doc.get("images"), int)
+            and isinstance(doc.get("summary"), dict) and all(stat(doc["summary"].get(k)) for k in PROBE_KEYS))
+
+
 def find_eval_probes(studies: Path) -> dict[str, Diagnosis]:
     """Eval probes of a study's finished runs (``studies/*/*-eval.json`` = {study, images,
     summary: {key: {mean, std}}, runs}), by the study they probe; numbers come from the json."""
-    probes = {}
+    probes: dict[str, Diagnosis] = {}
     for path in sorted(studies.glob("*/*-eval.json")):
-        doc = json.loads(path.read_text())
-        if not (isinstance(doc, dict) and isinstance(doc.get("summary"), dict)
-                and all(k in doc["summary"] for k in PROBE_KEYS) and "study" in doc):
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            doc = exc
+        if not _is_probe(doc):
             raise click.ClickException(f"{path}: not an eval probe ({{study, images, summary, runs}} with "
-                                       f"{', '.join(PROBE_KEYS)}); rewrite it with its script")
+                                       f"mean and std of {', '.join(PROBE_KEYS)}); rewrite it with its script")
+        if doc["study"] in probes:
+            raise click.ClickException(f"{path} and {probes[doc['study']].results_path} both probe study "
+                                       f"{doc['study']!r}; keep one")
         md = path.with_suffix(".md")
         probes[doc["study"]] = Diagnosis(f"{path.parent.name}/{path.stem}", path.parent, path, doc, [],
                                          md.read_text() if md.is_file() else "")

@@ -462,15 +462,13 @@ class Writer:
                 + f"; this study's PIT runs, the first {d.cells['images']} test images, mean ± std over runs): "
                 f"with every PIT layer in eval, its sketch rebuilt by the precise protocol, accuracy "
                 f"{acc('all_eval')}; with every layer on the test batch's own CDF (its training transform), "
-                f"{acc('all_batch')}, close to the runs' train accuracy, so the weights generalise and the eval "
-                "transform loses the rest. One layer in eval at a time costs almost nothing; together they "
-                "compound: each layer's eval transform differs from its training transform at tied values "
-                "(zero padding around FashionMNIST's constant background gives each border pattern its own "
-                "exact value, and a sketch keeps only a channel's largest tie), and one-pass precise statistics "
-                "describe each layer's inputs under the training transforms before it. Rebuilt one layer at a "
-                "time with the layers before it in eval (`precise_statistics(..., sequential=True)`), the "
-                f"sketches give {acc('all_eval_sequential')}. That is a measurement on these runs, not this "
-                "paper's protocol, which stays one-pass for every norm.", ""]
+                f"{acc('all_batch')} (compare the train accuracy above); rebuilt one layer at a time with the "
+                "layers before it in eval (`precise_statistics(..., sequential=True)`), the sketches give "
+                f"{acc('all_eval_sequential')}. The probe's per-layer table (one layer in eval, all but one, "
+                "the ties in each layer's input) reads the gap as layer-wise differences between the eval "
+                "and training transforms at tied values that compound over depth when each sketch is built "
+                "on inputs shaped by the training transforms before it. A measurement on these runs, not "
+                "this paper's protocol, which stays one-pass for every norm.", ""]
 
     def compare_table(self, s: StudyData) -> list[str]:
         other = self.other_protocol(s)

@@ -50,10 +50,10 @@ def load(run: Path) -> torch.nn.Module:
 
 def accuracy(net, eval_layers: set[str], x, y, batch: int = 128) -> float:
     """Every PIT layer in ``eval_layers`` uses its sketch, every other one the test batch's CDF."""
-    m = copy.deepcopy(net).train()
+    m = copy.deepcopy(net).eval()  # every other module (dropout) in eval
     for name, mod in m.named_modules():
-        if name in eval_layers:
-            mod.eval()
+        if isinstance(mod, PITNorm):
+            mod.train(name not in eval_layers)
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
@@ -63,7 +63,10 @@ def accuracy(net, eval_layers: set[str], x, y, batch: int = 128) -> float:
 
 def layer_inputs(net, x) -> dict[str, torch.Tensor]:
     got = {}
-    m = copy.deepcopy(net).train()
+    m = copy.deepcopy(net).eval()
+    for mod in m.modules():
+        if isinstance(mod, PITNorm):
+            mod.train()
     hooks = [mod.register_forward_pre_hook(lambda _, a, n=name: got.__setitem__(n, a[0].detach()))
              for name, mod in m.named_modules() if isinstance(mod, PITNorm)]
     with torch.no_grad():
@@ -88,7 +91,11 @@ def layer_stats(net, inputs: dict[str, torch.Tensor]) -> dict[str, dict[str, flo
             shares.append(big.sum().item())
             largest.append(big.max().item() if len(big) else 0.0)
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        w, b = mod.weight.detach().view(shape), mod.bias.detach().view(shape)
+        if mod.affine:  # γ, β removed (a γ of about 0 is taken as 1e-6)
+            w, b = mod.weight.detach().view(shape), mod.bias.detach().view(shape)
+            w = torch.where(w.abs() < 1e-6, 1e-6, w)
+        else:
+            w, b = x.new_ones(shape), x.new_zeros(shape)
         with torch.no_grad():
             y_train = (copy.deepcopy(mod).train()(x) - b) / w
             y_eval = (copy.deepcopy(mod).eval()(x) - b) / w
@@ -192,8 +199,9 @@ def main() -> None:
         write(doc["runs"], doc["images"])
         return
     found = sorted(args.runs.glob("pit-normal-s*"))
-    if not found:
-        raise SystemExit(f"no pit-normal runs in {args.runs}; run `exoticnorm run studies/resnet.toml` first")
+    if len(found) < 2:
+        raise SystemExit(f"{len(found)} pit-normal run(s) in {args.runs}; the summary's std needs two or more: "
+                         "run `exoticnorm run studies/resnet.toml` first")
     torch.manual_seed(0)
     data = load_fashion_mnist()
     write({run.name: measure(run, data, args.images) for run in found}, args.images)
