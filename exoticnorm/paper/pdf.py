@@ -206,12 +206,12 @@ def build_pdf(markdown: str, out: Path, root: Path) -> bytes:
             raise click.ClickException(f"typst could not compile the paper ({out / 'paper.typ'} kept): {exc}") from exc
 
 
-#: figure width in the PDF, pixels: 88% of an A4 text column at about 150 dpi
-FIGURE_PX = 1000
+#: figure width in the PDF, pixels: 88% of an A4 text column at about 120 dpi
+FIGURE_PX = 800
 
 
 def _shrink(src: Path, dst: Path) -> None:
-    """A copy of the PNG ``src`` at most FIGURE_PX wide in 256 colours (the committed PDF stays
+    """A copy of the PNG ``src`` at most FIGURE_PX wide in 64 colours (the committed PDF stays
     small; the full figures are in the studies' folders)."""
     from PIL import Image
 
@@ -220,4 +220,4 @@ def _shrink(src: Path, dst: Path) -> None:
         im = im.convert("RGB")
         if im.width > FIGURE_PX:
             im = im.resize((FIGURE_PX, round(im.height * FIGURE_PX / im.width)), Image.LANCZOS)
-        im.quantize(256).save(dst, optimize=True)
+        im.quantize(64).save(dst, optimize=True)
