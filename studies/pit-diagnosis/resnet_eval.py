@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from exoticnorm.data import load_fashion_mnist
+from exoticnorm.paper.sources import PROBE_KEYS  # the headline accuracies the paper reads
 from exoticnorm.pit import PITNorm
 from exoticnorm.precise import precise_statistics
 from exoticnorm.train import RunConfig
@@ -129,13 +130,10 @@ def mean_std(values) -> str:
         else f"{values[0]:.3f}"
 
 
-HEADLINES = ("all_eval", "all_batch", "all_eval_sequential")
-
-
 def summary(results: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Mean and sample std over the runs of each headline accuracy."""
     return {k: {"mean": statistics.mean(r[k] for r in results.values()),
-                "std": statistics.stdev(r[k] for r in results.values())} for k in HEADLINES}
+                "std": statistics.stdev(r[k] for r in results.values())} for k in PROBE_KEYS}
 
 
 def markdown(results: dict[str, dict], images: int) -> str:
