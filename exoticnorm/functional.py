@@ -23,6 +23,7 @@ __all__ = [
     "affine_normalize",
     "batch_moments",
     "update_running",
+    "update_all_running",
     "batch_norm",
     "group_norm",
 ]
@@ -110,6 +111,12 @@ def update_running(running: Tensor | None, batch_value: Tensor, factor: float) -
     """running ← (1 − factor) · running + factor · batch_value, in place, outside autograd."""
     if running is not None:
         running.lerp_(batch_value.detach().to(running.dtype), factor)
+
+
+def update_all_running(running: tuple[Tensor, ...], batch_values: tuple[Tensor, ...], factor: float) -> None:
+    """``update_running`` for several buffers at once (one fused call)."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(running), [v.detach().to(r.dtype) for r, v in zip(running, batch_values)], factor)
 
 
 def batch_norm(

@@ -292,9 +292,17 @@ def whiten_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_si
     returns y (a new tensor shaped like x) and, without gradient, the mean (G, c), the biased
     covariance (G, c, c), W (G, c, c) and the shrinkage ρ (G,). On the CPU the big-tensor
     passes run fused in C++ where ``whitening_kernel.supported`` says so."""
-    from . import whitening_kernel  # imports this module
+    from . import whitening_kernel as K  # imports this module
 
-    fn = whitening_kernel.FusedWhitenBatch if whitening_kernel.supported(x, group_size, spec) else WhitenBatch
+    plan = K.zca_plan(x, group_size, spec)
+    if plan is not None:
+        try:
+            y, mean, cov, w, rho = K.ZCAStep.apply(x, weight, bias, group_size, spec.eps,
+                                                   K.step_shrinkage(x, group_size, spec), plan == "flat")
+            return y, mean, cov, w, rho
+        except torch.linalg.LinAlgError:
+            pass  # eigh failed: the torch ops below retry it with jitter, then Newton–Schulz
+    fn = K.FusedWhitenBatch if K.supported(x, group_size, spec) else WhitenBatch
     y, mean, cov, w, rho, _, _ = fn.apply(x, weight, bias, group_size, spec)
     return y, mean, cov, w, rho
 

@@ -15,6 +15,10 @@ b = β, for CPU input with spatial dims in float32/float64, from four passes ove
 ``supported`` says when it applies: a shrinkage that does not need the centred samples
 (Ledoit–Wolf's does), groups that divide C, no process group (the synced path sums moments
 across ranks first).
+
+``ZCAStep`` is plain ZCA's whole training step (W = Σ_reg^(-1/2) by eigh, no sparsification) in
+one C++ call forward and one backward, the small c×c map included (``zca_plan`` says when):
+for spatial input the passes above, for (N, C) input BLAS; Ledoit–Wolf's ρ too for (N, C).
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from einops import rearrange
 from torch import Tensor
 
 from . import whitening as W
+from .functional import autocast_off, refuse_double_backward
 from .kernels import whiten_cpu
 
-__all__ = ["supported", "FusedWhitenBatch"]
+__all__ = ["supported", "FusedWhitenBatch", "zca_plan", "ZCAStep"]
 
 
 def supported(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> bool:
@@ -90,3 +95,58 @@ class FusedWhitenBatch(torch.autograd.Function):
         v = -(at @ grad_b.unsqueeze(-1)).squeeze(-1) / m
         gx = kernel.grad_input(gy3, x3, at, sym.contiguous(), mean.contiguous(), v.contiguous(), c)
         return gx.view(ctx.shape), *grad_params, None, None
+
+
+def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
+    """"flat" ((N, C) input) or "spatial" where ``ZCAStep`` computes this batch, else None."""
+    if spec.transform != "zca" or spec.method == "newton" or spec.density < 1.0:
+        return None
+    if x.ndim == 2 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[0] > 0:
+        return "flat" if whiten_cpu() is not None else None
+    return "spatial" if supported(x, group_size, spec) else None
+
+
+def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
+    """ρ as ``ZCAStep`` takes it: the fixed fraction, or −1 for Ledoit–Wolf's estimate."""
+    count = x.shape[0] * x[0, 0].numel()
+    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * min(group_size, x.shape[1])):
+        return -1.0
+    return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
+
+
+class ZCAStep(torch.autograd.Function):
+    """``WhitenBatch``'s outputs (y, μ, Σ, W, ρ) for plain ZCA, each way in one C++ call
+    (``zca_forward``/``zca_backward`` in csrc/whiten_cpu.cpp, whose comment states the math).
+    ``shrink``: ρ, or −1 for Ledoit–Wolf's ((N, C) input only); ``flat``: (N, C) input."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int, eps: float,
+                shrink: float, flat: bool):
+        kernel = whiten_cpu()
+        c = min(group_size, x.shape[1])
+        step = kernel.zca_forward_flat if flat else kernel.zca_forward
+        y, mean, cov, w, rho, *saved = step(x, weight, bias, c, eps, shrink)
+        ctx.save_for_backward(mean, w, rho, *saved, weight)
+        ctx.flat, ctx.group_size = flat, c
+        ctx.mark_non_differentiable(mean, cov, w, rho)
+        ctx.set_materialize_grads(False)
+        return y, mean, cov, w, rho
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None, *_):
+        if grad is None:
+            return (None,) * 7
+        refuse_double_backward("exoticnorm whitening norms are",
+                               "use the norm in eval mode (an affine map) for that part of the loss")
+        kernel = whiten_cpu()
+        want_weight, want_bias = ctx.needs_input_grad[1:3]
+        mean, w, rho, x, a, u, s, weight = ctx.saved_tensors
+        with autocast_off(grad):
+            if ctx.flat:
+                gx, gw, gb = kernel.zca_backward_flat(grad, x, w, rho, a, u, s, weight, want_weight, want_bias)
+            else:
+                gx, gw, gb = kernel.zca_backward(grad, x, mean, w, rho, a, u, s, weight, ctx.group_size,
+                                                 want_weight, want_bias)
+        c = grad.shape[1]
+        return (gx, gw.flatten()[:c] if want_weight else None, gb.flatten()[:c] if want_bias else None,
+                None, None, None, None)

@@ -208,15 +208,15 @@ class _Whitening(GroupedStatsNorm):
     @torch.compiler.disable  # a custom Function with a small autograd graph inside: eager only
     def _train_forward(self, x: Tensor) -> Tensor:
         weight, bias = self._cast_affine(x)
-        shift = self._grouped(self.running_mean, 0.0) if self.track_running_stats else None
+        shift = None
+        if self.track_running_stats and synced(self.process_group):
+            shift = self._grouped(self.running_mean, 0.0)
         y, mean, cov, w, rho, count = self._stage(x, self._group_size, weight, bias, shift)
-        factor = self.update_factor()
         if self.training and self.track_running_stats:
             unbiased = cov * (count / (count - 1))  # count >= 2, checked before
-            EF.update_running(self.running_mean, mean.flatten()[: self.num_features], factor)
-            EF.update_running(self.running_cov, unbiased, factor)
-            EF.update_running(self.running_shrinkage, rho, factor)
-            EF.update_running(self.running_whitening, w, factor)
+            EF.update_all_running(
+                (self.running_mean, self.running_cov, self.running_shrinkage, self.running_whitening),
+                (mean.flatten()[: self.num_features], unbiased, rho, w), self.update_factor())
         return y
 
     def _normalize(self, x: Tensor) -> Tensor:

@@ -177,6 +177,14 @@ def test_autocast_keeps_statistics_in_float32():
 
 
 def test_eigh_failure_falls_back_with_warning(monkeypatch):
+    """eigh failing in the one-call C++ step sends the batch to the torch ops, whose eigh is
+    retried with jitter, then replaced by Newton–Schulz, each with a warning."""
+    from exoticnorm import whitening_kernel
+
+    def failing(*args):
+        raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+
+    monkeypatch.setattr(whitening_kernel.ZCAStep, "apply", failing)
     calls = {"n": 0}
     real = torch.linalg.eigh
 

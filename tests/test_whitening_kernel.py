@@ -78,3 +78,106 @@ def test_fused_channels_last_and_no_affine():
 ])
 def test_unsupported_cases_fall_back(shape, c, shrinkage, why):
     assert not supported(torch.empty(shape), c, W.WhiteningSpec(shrinkage=shrinkage)), why
+
+
+# --- ZCAStep: plain ZCA's training step in one C++ call each way ------------------------------------
+
+from exoticnorm.whitening_kernel import ZCAStep, step_shrinkage, zca_plan  # noqa: E402
+
+STEP_CASES = [
+    ((8, 6, 5, 5), 6, 0.1, "spatial"),      # small c: the map in double loops
+    ((6, 16, 3, 3), 4, 0.0, "spatial"),     # 4 groups
+    ((4, 40, 3, 3), 40, 0.2, "spatial"),    # c > 32: the map as ATen ops
+    ((64, 8), 8, 0.0, "flat"),
+    ((40, 12), 5, "auto", "flat"),          # padded last group
+    ((30, 12), 12, "lw", "flat"),           # Ledoit–Wolf's rho
+    ((100, 40), 40, "auto", "flat"),        # c > 32, 100 < 4c: Ledoit–Wolf
+]
+
+
+def _step_vs_torch_ops(shape, c, shrinkage, plan, dtype=torch.float64, affine=(True, True)):
+    gen = torch.Generator().manual_seed(1)
+    f64 = torch.float64
+    mix = torch.eye(shape[1], dtype=f64) + 0.4 * torch.randn(shape[1], shape[1], generator=gen, dtype=f64)
+    x = torch.einsum("dc,nc...->nd...", mix, torch.randn(shape, generator=gen, dtype=f64)).to(dtype)
+    params = [torch.randn(shape[1], generator=gen, dtype=f64).to(dtype) if on else None for on in affine]
+    g = torch.randn(shape, generator=gen, dtype=f64).to(dtype)
+    spec = W.WhiteningSpec(shrinkage=shrinkage, method="eigh")
+    assert zca_plan(x, c, spec) == plan
+    out = {}
+    for name in ("torch", "step"):
+        xs = x.clone().requires_grad_()
+        ps = [None if p is None else p.clone().requires_grad_() for p in params]
+        if name == "torch":
+            y, mean, cov, w, rho, *_ = W.WhitenBatch.apply(xs, *ps, c, spec)
+        else:
+            y, mean, cov, w, rho = ZCAStep.apply(xs, *ps, c, spec.eps, step_shrinkage(x, c, spec), plan == "flat")
+        (y * g).sum().backward()
+        out[name] = dict(y=y, mean=mean, cov=cov, w=w, rho=rho, gx=xs.grad,
+                         **{f"g{i}": p.grad for i, p in enumerate(ps) if p is not None})
+    return out
+
+
+@pytest.mark.parametrize("shape,c,shrinkage,plan", STEP_CASES)
+def test_zca_step_equals_torch_ops_in_float64(shape, c, shrinkage, plan):
+    out = _step_vs_torch_ops(shape, c, shrinkage, plan)
+    for key, ref in out["torch"].items():
+        torch.testing.assert_close(out["step"][key].reshape(ref.shape), ref, rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])
+def test_zca_step_without_affine_parts(affine):
+    for shape, c, plan in (((8, 6, 4, 4), 3, "spatial"), ((50, 7), 7, "flat")):
+        out = _step_vs_torch_ops(shape, c, 0.1, plan, affine=affine)
+        for key, ref in out["torch"].items():
+            torch.testing.assert_close(out["step"][key].reshape(ref.shape), ref, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_zca_step_gradcheck(flat):
+    shape = (30, 7) if flat else (3, 4, 2, 3)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ZCAStep.apply(*t, 3 if flat else 2, 1e-5, 0.1, flat)[0],
+                                    (x, weight, bias))
+
+
+def test_zca_step_float32_whitens_as_well_as_torch_ops():
+    """float32: max|Cov(y) − I| of the one-call step within 2x of the torch ops' (the small map
+    runs in double here, so it is usually smaller)."""
+    for shape, c, plan in (((64, 16, 6, 6), 16, "spatial"), ((256, 120), 120, "flat"), ((512, 24), 24, "flat")):
+        gen = torch.Generator().manual_seed(2)
+        mix = torch.eye(shape[1]) + 0.5 * torch.randn(shape[1], shape[1], generator=gen)
+        x = torch.einsum("dc,nc...->nd...", mix, torch.randn(shape, generator=gen))
+        spec = W.WhiteningSpec(shrinkage=0.0, eps=0.0, method="eigh")
+        assert zca_plan(x, c, spec) == plan
+        errs = []
+        for y in (W.WhitenBatch.apply(x, None, None, c, spec)[0], ZCAStep.apply(x, None, None, c, 0.0, 0.0, plan == "flat")[0]):
+            yv = W.group_view(y.double(), c)
+            yc = yv - yv.mean((0, 3), keepdim=True)
+            cov = torch.matmul(yc, yc.mT).sum(0) / W.sample_count(yv)
+            errs.append((cov - torch.eye(c, dtype=torch.float64)).abs().max().item())
+        assert errs[1] <= 2 * errs[0] + 1e-6, f"{shape}: step {errs[1]:.3g} vs torch ops {errs[0]:.3g}"
+
+
+def test_zca_step_output_may_be_modified_in_place():
+    for x in (torch.randn(8, 6, 4, 4, requires_grad=True), torch.randn(32, 6, requires_grad=True)):
+        y = ZCAStep.apply(x, None, None, 6, 1e-5, 0.0, x.ndim == 2)[0]
+        assert not y._is_view()
+        torch.relu_(y).sum().backward()
+        assert torch.isfinite(x.grad).all()
+
+
+def test_zca_step_plan():
+    spec = W.WhiteningSpec()
+    assert zca_plan(torch.empty(8, 6, 4, 4), 6, spec) == "spatial"
+    assert zca_plan(torch.empty(8, 6), 6, spec) == "flat"
+    assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(transform="cholesky")) is None
+    assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(method="newton")) is None
+    assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(density=0.5)) is None
+    assert zca_plan(torch.empty(8, 6, 4, 4, dtype=torch.float16), 6, spec) is None
+    assert step_shrinkage(torch.empty(8, 6), 6, spec) == -1.0     # 8 < 4·6: Ledoit–Wolf
+    assert step_shrinkage(torch.empty(30, 6), 6, spec) == 0.0
+    assert step_shrinkage(torch.empty(30, 6), 6, W.WhiteningSpec(shrinkage=0.3)) == 0.3
