@@ -383,8 +383,8 @@ torch::Tensor grad_input(torch::Tensor gy, torch::Tensor x, torch::Tensor p, tor
 //   dSigma_reg = U (K o U^T sym(dW) U) U^T with K_ij = -1 / (s_i s_j (s_i + s_j)) (Daleckii-Krein,
 //   finite at repeated eigenvalues), dSigma = (1 - rho) dSigma_reg + rho/c tr(dSigma_reg) I.
 //
-// Up to kSmall channels per group the map runs in double, in plain loops around one eigh call
-// (its ~25 ATen ops would cost more than the arithmetic); above, as ATen ops in the input's dtype.
+// The map's c x c work is plain loops, and its products are loops up to kSmall channels per group
+// (in double) or BLAS above (in the input's dtype); eigh is one batched LAPACK call.
 namespace {
 
 using OptTensor = c10::optional<torch::Tensor>;
@@ -395,169 +395,199 @@ torch::Tensor group_mm(const torch::Tensor& a, const torch::Tensor& b) {
   return a.size(0) == 1 ? at::mm(a[0], b[0]).unsqueeze(0) : at::bmm(a, b);
 }
 
-// (C,) -> (G, c), padded with `fill`.
-torch::Tensor grouped(const torch::Tensor& v, int64_t groups, int64_t c, double fill) {
-  const int64_t pad = groups * c - v.size(0);
-  auto p = pad ? at::constant_pad_nd(v, {0, pad}, fill) : v;
-  return p.view({groups, c});
+template <typename S>
+constexpr at::ScalarType dtype_of() {
+  return c10::CppTypeToScalarType<S>::value;
 }
 
-std::pair<double, double> eps_tiny(at::ScalarType t) {
-  if (t == torch::kFloat32) return {std::numeric_limits<float>::epsilon(), std::numeric_limits<float>::min()};
-  return {std::numeric_limits<double>::epsilon(), std::numeric_limits<double>::min()};
+// out = op(a) op(b) for c x c row-major matrices, op a transpose where flagged.
+template <typename S>
+void matmul(const S* a, bool ta, const S* b, bool tb, S* out, int64_t c) {
+  if (c > kSmall) {
+    auto opt = at::TensorOptions().dtype(dtype_of<S>());
+    auto A = at::from_blob(const_cast<S*>(a), {c, c}, opt), B = at::from_blob(const_cast<S*>(b), {c, c}, opt);
+    auto O = at::from_blob(out, {c, c}, opt);
+    at::mm_out(O, ta ? A.t() : A, tb ? B.t() : B);
+    return;
+  }
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      S acc = 0;
+      for (int64_t k = 0; k < c; ++k) acc += (ta ? a[k * c + i] : a[i * c + k]) * (tb ? b[j * c + k] : b[k * c + j]);
+      out[i * c + j] = acc;
+    }
+}
+
+// Entry i of group g of a (C,) vector grouped as (G, c) and padded with `fill`.
+template <typename T>
+inline double grouped_at(const T* v, int64_t C, int64_t g, int64_t c, int64_t i, double fill) {
+  const int64_t k = g * c + i;
+  return k < C ? double(v[k]) : fill;
+}
+
+// gamma or beta as a contiguous tensor of dtype T (or none).
+template <typename T>
+OptTensor as_dtype(const OptTensor& v) {
+  return v ? OptTensor(v->to(dtype_of<T>()).contiguous()) : OptTensor();
 }
 
 struct Map {
-  torch::Tensor w, a, b, u, s;  // W, A, b in the input's dtype; U, s in double (small) or that dtype
+  torch::Tensor w, a, b, u, s;  // W, A, b in the input's dtype T; U, s in the map's S
 };
 
-// The map of the comment above from the biased covariance (G, c, c) and rho (G,), any float dtype;
-// the outputs W, A, b in `dtype`.
-Map zca_map(const torch::Tensor& cov, const torch::Tensor& rho, double eps, const OptTensor& weight,
-            const OptTensor& bias, at::ScalarType dtype) {
+// The map of the comment above, from the biased covariance (G, c, c) (any float dtype) and rho (G,),
+// with gamma, beta (C,) of dtype T.
+template <typename T, typename S>
+Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, const OptTensor& weight_,
+                const OptTensor& bias_, int64_t C) {
+  const OptTensor weight = as_dtype<T>(weight_), bias = as_dtype<T>(bias_);
   const int64_t G = cov.size(0), c = cov.size(-1);
-  const auto [meps, tiny] = eps_tiny(dtype);
-  auto gamma = weight ? grouped(*weight, G, c, 1.0) : torch::Tensor();
-  auto b = bias ? grouped(*bias, G, c, 0.0).clone() : at::zeros({G, c}, cov.options().dtype(dtype));
-  if (c > kSmall) {
-    auto cv = cov.to(dtype);
-    auto r = rho.to(dtype).view({G, 1, 1});
-    auto m = cv.diagonal(0, -2, -1).mean(-1).view({G, 1, 1});
-    auto eig = at::linalg_eigh(cv * (1 - r) + (r * m + eps) * at::eye(c, cv.options()));
-    auto lam = std::get<0>(eig), u = std::get<1>(eig);
-    auto s = at::maximum(lam, lam.narrow(-1, c - 1, 1) * meps).clamp_min(tiny).sqrt();
-    auto w = group_mm(u / s.unsqueeze(-2), u.mT());
-    return {w, weight ? w * gamma.unsqueeze(-1) : w, b, u, s};
-  }
-  auto reg = cov.to(torch::kFloat64).clone();
+  const double meps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
+  torch::Tensor reg = cov.to(dtype_of<S>(), false, true).contiguous();
   auto rd = rho.to(torch::kFloat64).contiguous();
-  double* R = reg.data_ptr<double>();
+  S* R = reg.data_ptr<S>();
   for (int64_t g = 0; g < G; ++g) {
-    double* r = R + g * c * c;
+    S* r = R + g * c * c;
     const double p = rd.data_ptr<double>()[g];
     double m = 0;
-    for (int64_t i = 0; i < c; ++i) m += r[i * c + i];
+    for (int64_t i = 0; i < c; ++i) m += double(r[i * c + i]);
     m /= double(c);
-    for (int64_t i = 0; i < c * c; ++i) r[i] *= 1 - p;
-    for (int64_t i = 0; i < c; ++i) r[i * c + i] += p * m + eps;
+    for (int64_t i = 0; i < c * c; ++i) r[i] = S(double(r[i]) * (1 - p));
+    for (int64_t i = 0; i < c; ++i) r[i * c + i] += S(p * m + eps);
   }
   auto eig = at::linalg_eigh(reg);
-  auto u = std::get<1>(eig).contiguous();
   auto s = std::get<0>(eig).contiguous();
-  auto w = at::empty({G, c, c}, cov.options().dtype(dtype));
-  auto a = weight ? at::empty({G, c, c}, w.options()) : w;
-  auto gm = weight ? gamma.to(torch::kFloat64).contiguous() : torch::Tensor();
-  const double* U = u.data_ptr<double>();
-  double* Sv = s.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(dtype, "zca_map", [&] {
-    scalar_t* Wp = w.data_ptr<scalar_t>();
-    scalar_t* Ap = a.data_ptr<scalar_t>();
-    for (int64_t g = 0; g < G; ++g) {
-      double* sg = Sv + g * c;
-      const double* ug = U + g * c * c;
-      const double top = sg[c - 1];
-      for (int64_t k = 0; k < c; ++k) sg[k] = std::sqrt(std::max(std::max(sg[k], top * meps), tiny));
-      for (int64_t i = 0; i < c; ++i)
-        for (int64_t j = 0; j <= i; ++j) {
-          double acc = 0;
-          for (int64_t k = 0; k < c; ++k) acc += ug[i * c + k] * ug[j * c + k] / sg[k];
-          Wp[(g * c + i) * c + j] = Wp[(g * c + j) * c + i] = scalar_t(acc);
-          if (weight) {
-            Ap[(g * c + i) * c + j] = scalar_t(acc * gm.data_ptr<double>()[g * c + i]);
-            Ap[(g * c + j) * c + i] = scalar_t(acc * gm.data_ptr<double>()[g * c + j]);
-          }
-        }
+  auto u = std::get<1>(eig).contiguous();
+  at::TensorOptions topt = cov.options().dtype(dtype_of<T>());
+  auto w = at::empty({G, c, c}, topt);
+  auto a = weight ? at::empty({G, c, c}, topt) : w;
+  auto b = at::empty({G, c}, topt);
+  const T* gam = weight ? weight->data_ptr<T>() : nullptr;
+  const T* bet = bias ? bias->data_ptr<T>() : nullptr;
+  std::vector<S> tmp(c * c), ws(c * c);
+  for (int64_t g = 0; g < G; ++g) {
+    S* sg = s.data_ptr<S>() + g * c;
+    const S* ug = u.data_ptr<S>() + g * c * c;
+    const double top = double(sg[c - 1]);
+    for (int64_t k = 0; k < c; ++k) sg[k] = S(std::sqrt(std::max(std::max(double(sg[k]), top * meps), tiny)));
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t k = 0; k < c; ++k) tmp[i * c + k] = ug[i * c + k] / sg[k];
+    matmul<S>(tmp.data(), false, ug, true, ws.data(), c);  // U diag(1/s) U^T
+    T* wg = w.data_ptr<T>() + g * c * c;
+    T* ag = a.data_ptr<T>() + g * c * c;
+    for (int64_t i = 0; i < c; ++i) {
+      const double gi = gam ? grouped_at(gam, C, g, c, i, 1.0) : 1.0;
+      for (int64_t j = 0; j < c; ++j) {
+        const S v = i >= j ? ws[i * c + j] : ws[j * c + i];  // exactly symmetric
+        wg[i * c + j] = T(v);
+        if (gam) ag[i * c + j] = T(double(v) * gi);
+      }
+      b.data_ptr<T>()[g * c + i] = T(bet ? grouped_at(bet, C, g, c, i, 0.0) : 0.0);
     }
-  });
+  }
   return {w, a, b, u, s};
 }
 
-// (dSigma (G, c, c) in the input's dtype, dgamma (G, c) or undefined) from dA (any float dtype).
-std::pair<torch::Tensor, torch::Tensor> zca_map_backward(const torch::Tensor& ga, const Map& map,
-                                                         const torch::Tensor& rho, const OptTensor& weight,
-                                                         bool want_weight, at::ScalarType dtype) {
+// (dSigma (G, c, c), dgamma (G, c) or undefined), both of dtype T, from dA (G, c, c) of any float dtype.
+template <typename T, typename S>
+std::pair<torch::Tensor, torch::Tensor> map_backward(const torch::Tensor& ga, const Map& map, const torch::Tensor& rho,
+                                                     const OptTensor& weight_, bool want_weight, int64_t C) {
+  const OptTensor weight = as_dtype<T>(weight_);
   const int64_t G = map.w.size(0), c = map.w.size(-1);
-  auto gamma = weight ? grouped(*weight, G, c, 1.0) : torch::Tensor();
-  if (c > kSmall) {
-    auto gat = ga.to(dtype);
-    auto gw = weight ? gat * gamma.unsqueeze(-1) : gat;
-    torch::Tensor gweight = want_weight ? (gat * map.w).sum(-1) : torch::Tensor();
-    auto sym = (gw + gw.mT()) * 0.5;
-    auto si = map.s.unsqueeze(-1), sj = map.s.unsqueeze(-2);
-    auto k = (si * sj * (si + sj)).reciprocal().neg();
-    auto greg = group_mm(group_mm(map.u, group_mm(group_mm(map.u.mT(), sym), map.u) * k), map.u.mT());
-    auto r = rho.to(dtype).view({G, 1, 1});
-    auto tr = greg.diagonal(0, -2, -1).sum(-1).view({G, 1, 1});
-    return {greg * (1 - r) + (r / double(c)) * tr * at::eye(c, greg.options()), gweight};
-  }
-  auto gad = ga.to(torch::kFloat64).contiguous();
-  auto wd = map.w.to(torch::kFloat64).contiguous();
-  auto gd = weight ? gamma.to(torch::kFloat64).contiguous() : torch::Tensor();
+  torch::Tensor gad = ga.to(dtype_of<S>()).contiguous();
   auto rd = rho.to(torch::kFloat64).contiguous();
-  auto gcov = at::empty({G, c, c}, gad.options());
-  auto gweight = want_weight ? at::empty({G, c}, gad.options()) : torch::Tensor();
-  std::vector<double> sym(c * c), t1(c * c), t2(c * c);
+  auto wc = map.w.contiguous();
+  auto gcov = at::empty({G, c, c}, map.w.options());
+  auto gweight = want_weight ? at::empty({G, c}, map.w.options()) : torch::Tensor();
+  const T* gam = weight ? weight->data_ptr<T>() : nullptr;
+  std::vector<S> sym(c * c), t1(c * c), t2(c * c);
   for (int64_t g = 0; g < G; ++g) {
-    const double* gag = gad.data_ptr<double>() + g * c * c;
-    const double* wg = wd.data_ptr<double>() + g * c * c;
-    const double* ug = map.u.data_ptr<double>() + g * c * c;
-    const double* sg = map.s.data_ptr<double>() + g * c;
-    const double* gm = weight ? gd.data_ptr<double>() + g * c : nullptr;
+    const S* gag = gad.data_ptr<S>() + g * c * c;
+    const T* wg = wc.data_ptr<T>() + g * c * c;
+    const S* ug = map.u.data_ptr<S>() + g * c * c;
+    const S* sg = map.s.data_ptr<S>() + g * c;
     if (want_weight)
       for (int64_t i = 0; i < c; ++i) {
         double acc = 0;
-        for (int64_t j = 0; j < c; ++j) acc += gag[i * c + j] * wg[i * c + j];
-        gweight.data_ptr<double>()[g * c + i] = acc;
+        for (int64_t j = 0; j < c; ++j) acc += double(gag[i * c + j]) * double(wg[i * c + j]);
+        gweight.data_ptr<T>()[g * c + i] = T(acc);
       }
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < c; ++j)
-        sym[i * c + j] = 0.5 * (gag[i * c + j] * (gm ? gm[i] : 1.0) + gag[j * c + i] * (gm ? gm[j] : 1.0));
-    // t1 = U^T sym U, then K o t1, then U t1 U^T
-    for (int64_t i = 0; i < c; ++i)
+    for (int64_t i = 0; i < c; ++i) {
+      const S gi = gam ? S(grouped_at(gam, C, g, c, i, 1.0)) : S(1);
       for (int64_t j = 0; j < c; ++j) {
-        double acc = 0;
-        for (int64_t k = 0; k < c; ++k) acc += sym[i * c + k] * ug[k * c + j];
-        t1[i * c + j] = acc;  // (sym U)_ij
+        const S gj = gam ? S(grouped_at(gam, C, g, c, j, 1.0)) : S(1);
+        sym[i * c + j] = S(0.5) * (gi * gag[i * c + j] + gj * gag[j * c + i]);
       }
+    }
+    matmul<S>(ug, true, sym.data(), false, t1.data(), c);  // U^T sym
+    matmul<S>(t1.data(), false, ug, false, t2.data(), c);  // U^T sym U
     for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < c; ++j) {
-        double acc = 0;
-        for (int64_t k = 0; k < c; ++k) acc += ug[k * c + i] * t1[k * c + j];
-        t2[i * c + j] = -acc / (sg[i] * sg[j] * (sg[i] + sg[j]));
-      }
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < c; ++j) {
-        double acc = 0;
-        for (int64_t k = 0; k < c; ++k) acc += ug[i * c + k] * t2[k * c + j];
-        t1[i * c + j] = acc;  // (U t2)_ij
-      }
-    double* out = gcov.data_ptr<double>() + g * c * c;
+      for (int64_t j = 0; j < c; ++j) t2[i * c + j] /= -(sg[i] * sg[j] * (sg[i] + sg[j]));
+    matmul<S>(ug, false, t2.data(), false, t1.data(), c);
+    matmul<S>(t1.data(), false, ug, true, t2.data(), c);  // U (K o U^T sym U) U^T
     double tr = 0;
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < c; ++j) {
-        double acc = 0;
-        for (int64_t k = 0; k < c; ++k) acc += t1[i * c + k] * ug[j * c + k];
-        out[i * c + j] = acc;
-      }
-    for (int64_t i = 0; i < c; ++i) tr += out[i * c + i];
+    for (int64_t i = 0; i < c; ++i) tr += double(t2[i * c + i]);
     const double p = rd.data_ptr<double>()[g];
-    for (int64_t i = 0; i < c * c; ++i) out[i] *= 1 - p;
-    for (int64_t i = 0; i < c; ++i) out[i * c + i] += p / double(c) * tr;
+    T* out = gcov.data_ptr<T>() + g * c * c;
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t j = 0; j < c; ++j) out[i * c + j] = T(double(t2[i * c + j]) * (1 - p) + (i == j ? p / double(c) * tr : 0.0));
   }
-  return {gcov.to(dtype), want_weight ? gweight.to(dtype) : torch::Tensor()};
+  return {gcov, gweight};
 }
 
-// Ledoit-Wolf's rho (G,) from centred samples (M, G, c) and their covariance (see whitening.py).
+Map zca_map(const torch::Tensor& cov, const torch::Tensor& rho, double eps, const OptTensor& weight,
+            const OptTensor& bias, at::ScalarType dtype, int64_t C) {
+  Map out;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "zca_map", [&] {
+    out = cov.size(-1) > kSmall ? map_forward<scalar_t, scalar_t>(cov, rho, eps, weight, bias, C)
+                                : map_forward<scalar_t, double>(cov, rho, eps, weight, bias, C);
+  });
+  return out;
+}
+
+std::pair<torch::Tensor, torch::Tensor> zca_map_backward(const torch::Tensor& ga, const Map& map,
+                                                         const torch::Tensor& rho, const OptTensor& weight,
+                                                         bool want_weight, int64_t C) {
+  std::pair<torch::Tensor, torch::Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(map.w.scalar_type(), "zca_map_backward", [&] {
+    out = map.w.size(-1) > kSmall ? map_backward<scalar_t, scalar_t>(ga, map, rho, weight, want_weight, C)
+                                  : map_backward<scalar_t, double>(ga, map, rho, weight, want_weight, C);
+  });
+  return out;
+}
+
+// Ledoit-Wolf's rho (G,) from centred samples xc (M, G, c) and their covariance (see whitening.py):
+// min(1, b^2 / d^2), b^2 = (sum_k |x_k|^4 - M |Sigma|_F^2) / M^2, d^2 = |Sigma - m I|_F^2.
 torch::Tensor ledoit_wolf(const torch::Tensor& xc, const torch::Tensor& cov) {
-  const double M = double(xc.size(0));
-  const int64_t c = cov.size(-1);
-  auto m = cov.diagonal(0, -2, -1).mean(-1);
-  auto fourth = xc.square().sum(-1).square().sum(0);
-  auto b2 = (fourth - M * cov.square().sum({-2, -1})) / (M * M);
-  auto d2 = (cov - m.view({-1, 1, 1}) * at::eye(c, cov.options())).square().sum({-2, -1});
-  const double tiny = eps_tiny(cov.scalar_type()).second;
-  auto rho = at::where(d2 > 0, b2.clamp_min(0) / d2.clamp_min(tiny), at::zeros_like(d2));
-  return rho.clamp(0.0, 1.0);
+  const int64_t M = xc.size(0), G = xc.size(1), c = xc.size(2);
+  auto rho = at::empty({G}, cov.options());
+  auto xcc = xc.contiguous();
+  auto cc = cov.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "ledoit_wolf", [&] {
+    const scalar_t* X = xcc.data_ptr<scalar_t>();
+    const scalar_t* V = cc.data_ptr<scalar_t>();
+    const double tiny = std::numeric_limits<scalar_t>::min();
+    for (int64_t g = 0; g < G; ++g) {
+      double fourth = 0, frob = 0, m = 0, d2 = 0;
+      for (int64_t n = 0; n < M; ++n) {
+        double sq = 0;
+        for (int64_t i = 0; i < c; ++i) sq += double(X[(n * G + g) * c + i]) * double(X[(n * G + g) * c + i]);
+        fourth += sq * sq;
+      }
+      const scalar_t* vg = V + g * c * c;
+      for (int64_t i = 0; i < c; ++i) m += double(vg[i * c + i]);
+      m /= double(c);
+      for (int64_t i = 0; i < c * c; ++i) frob += double(vg[i]) * double(vg[i]);
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t j = 0; j < c; ++j) {
+          const double d = double(vg[i * c + j]) - (i == j ? m : 0.0);
+          d2 += d * d;
+        }
+      const double b2 = (fourth - double(M) * frob) / (double(M) * double(M));
+      rho.data_ptr<scalar_t>()[g] = scalar_t(d2 > 0 ? std::min(1.0, std::max(0.0, b2) / std::max(d2, tiny)) : 0.0);
+    }
+  });
+  return rho;
 }
 
 }  // namespace
@@ -588,7 +618,7 @@ std::vector<torch::Tensor> zca_forward(torch::Tensor x, OptTensor weight, OptTen
     }
   });
   auto rho = at::full({G}, shrink, x.options());
-  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type());
+  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type(), C);
   auto y = at::empty(x.sizes(), x3.options());
   affine(x3, map.a, mean, map.b, c, y.view(x3.sizes()));
   return {y, mean, cov.to(x.scalar_type()), map.w, rho, x3, map.a, map.u, map.s};
@@ -613,7 +643,7 @@ std::vector<torch::Tensor> zca_backward(torch::Tensor gy, torch::Tensor x3, torc
       std::memcpy(ga.data_ptr<double>() + g * c * c, t + g * (c + c * c) + c, sizeof(double) * c * c);
     }
   });
-  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s}, rho, weight, want_weight, x3.scalar_type());
+  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s}, rho, weight, want_weight, x3.size(1));
   auto gcov = back.first.contiguous();
   auto ac = a.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x3.scalar_type(), "zca_backward_maps", [&] {  // P = A^T, Q = (dS + dS^T)/M, v = -A^T db / M
@@ -652,7 +682,7 @@ std::vector<torch::Tensor> zca_forward_flat(torch::Tensor x, OptTensor weight, O
   auto xg = xc.permute({1, 0, 2});  // (G, N, c)
   auto cov = group_mm(xg.transpose(1, 2), xg).div_(double(N));
   auto rho = shrink < 0 ? ledoit_wolf(xc, cov) : at::full({G}, shrink, x.options());
-  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type());
+  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type(), C);
   torch::Tensor y;
   if (G == 1) {
     y = at::addmm(map.b[0], xc.view({N, c}), map.a[0].t());
@@ -675,7 +705,7 @@ std::vector<torch::Tensor> zca_backward_flat(torch::Tensor gy, torch::Tensor xc,
   auto xg = xc.permute({1, 0, 2});
   auto gb = gg.sum(1);
   auto ga = group_mm(gg.transpose(1, 2), xg);
-  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s}, rho, weight, want_weight, xc.scalar_type());
+  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s}, rho, weight, want_weight, C);
   const double M = double(N);
   auto sym = (back.first + back.first.mT()).div_(M);
   auto shift = group_mm(gb.unsqueeze(1), a).div_(-M);  // (G, 1, c): -(db A) / M
