@@ -40,7 +40,7 @@ def autocast_off(x: Tensor):
     """A context with autocast off on ``x``'s device (a no-op where autocast does not exist,
     such as the meta device)."""
     kind = x.device.type
-    if torch.amp.is_autocast_available(kind):
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
         return torch.autocast(kind, enabled=False)
     return contextlib.nullcontext()
 
@@ -116,7 +116,8 @@ def update_running(running: Tensor | None, batch_value: Tensor, factor: float) -
 def update_all_running(running: tuple[Tensor, ...], batch_values: tuple[Tensor, ...], factor: float) -> None:
     """``update_running`` for several buffers at once (one fused call)."""
     with torch.no_grad():
-        torch._foreach_lerp_(list(running), [v.detach().to(r.dtype) for r, v in zip(running, batch_values)], factor)
+        values = [v if v.dtype == r.dtype else v.to(r.dtype) for r, v in zip(running, batch_values)]
+        torch._foreach_lerp_(list(running), values, factor)
 
 
 def batch_norm(

@@ -38,9 +38,9 @@ def supported(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> bool:
     """Whether ``FusedWhitenBatch`` computes this batch (else ``WhitenBatch`` does)."""
     if x.device.type != "cpu" or x.ndim < 3 or x.dtype not in (torch.float32, torch.float64):
         return False
-    if x.shape[1] % group_size or x.shape[0] == 0 or x[0, 0].numel() < 8:
+    if x.shape[1] % group_size or x.shape[0] == 0 or x.numel() < 8 * x.shape[0] * x.shape[1]:
         return False  # padding, empty, or few positions (fc-like: BLAS does better)
-    count = x.shape[0] * x[0, 0].numel()
+    count = x.numel() // x.shape[1]
     if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * group_size):
         return False  # Ledoit–Wolf needs the centred samples
     return whiten_cpu() is not None
@@ -108,7 +108,7 @@ def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
 
 def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
     """ρ as ``ZCAStep`` takes it: the fixed fraction, or −1 for Ledoit–Wolf's estimate."""
-    count = x.shape[0] * x[0, 0].numel()
+    count = x.numel() // x.shape[1]
     if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * min(group_size, x.shape[1])):
         return -1.0
     return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)

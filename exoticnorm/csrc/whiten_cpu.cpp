@@ -46,6 +46,9 @@ struct Accumulators {
   }
 };
 
+// Multiply-adds below which a pass runs on the calling thread alone (waking the others costs more).
+constexpr int64_t kSerialWork = 1 << 16;
+
 // One 256-bit vector of T.
 template <typename T>
 constexpr int kLanes = 32 / int(sizeof(T));
@@ -138,11 +141,12 @@ torch::Tensor all_block_sums(const torch::Tensor& a, const torch::Tensor& b, con
   for (int64_t i0 = 0; i0 < c; i0 += RI)
     for (int64_t j0 = 0; j0 < (lower ? std::min(c, i0 + RI) : c); j0 += RJ)
       tiles.push_back({i0, j0, std::min<int64_t>(RI, c - i0), std::min<int64_t>(RJ, c - j0)});
-  const int64_t pieces = G >= 2 * at::get_num_threads() ? 1 : std::min<int64_t>(N, 2 * at::get_num_threads());
+  const bool small = N * C * c * S < kSerialWork;  // not worth waking the other threads
+  const int64_t pieces = small || G >= 2 * at::get_num_threads() ? 1 : std::min<int64_t>(N, 2 * at::get_num_threads());
   Accumulators acc(G, c + c * c);
   const T* A = a.data_ptr<T>();
   const T* B = b.data_ptr<T>();
-  at::parallel_for(0, G * pieces, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, G * pieces, small ? G * pieces : 1, [&](int64_t begin, int64_t end) {
     std::vector<T> part(tiles.size() * RI * RJ * L);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / pieces, piece = task % pieces;
@@ -280,7 +284,8 @@ void all_block_affine(const torch::Tensor& u, const torch::Tensor& m1, const tor
   const T* M2 = m2 ? m2->data_ptr<T>() : nullptr;
   const T* V = v.data_ptr<T>();
   T* O = out.data_ptr<T>();
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kSerialWork / (c * c * S * (m2 ? 2 : 1)));  // blocks per thread, at least
+  at::parallel_for(0, N * G, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task % G;
       const int64_t o = task * c * S;
