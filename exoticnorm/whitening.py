@@ -298,7 +298,7 @@ def whiten_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_si
     if plan is not None:
         try:
             y, mean, cov, w, rho = K.ZCAStep.apply(x, weight, bias, group_size, spec.eps,
-                                                   K.step_shrinkage(x, group_size, spec), plan == "flat")
+                                                   K.step_shrinkage(x, group_size, spec), plan == "flat", spec.density)
             return y, mean, cov, w, rho
         except torch.linalg.LinAlgError:
             pass  # eigh failed: the torch ops below retry it with jitter, then Newton–Schulz

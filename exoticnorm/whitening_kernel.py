@@ -99,7 +99,7 @@ class FusedWhitenBatch(torch.autograd.Function):
 
 def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
     """"flat" ((N, C) input) or "spatial" where ``ZCAStep`` computes this batch, else None."""
-    if spec.transform != "zca" or spec.method == "newton" or spec.density < 1.0:
+    if spec.transform != "zca" or spec.method == "newton" or (spec.density < 1.0 and spec.sparsify != "whitening"):
         return None
     if x.ndim == 2 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[0] > 0:
         return "flat" if whiten_cpu() is not None else None
@@ -115,18 +115,19 @@ def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
 
 
 class ZCAStep(torch.autograd.Function):
-    """``WhitenBatch``'s outputs (y, μ, Σ, W, ρ) for plain ZCA, each way in one C++ call
-    (``zca_forward``/``zca_backward`` in csrc/whiten_cpu.cpp, whose comment states the math).
-    ``shrink``: ρ, or −1 for Ledoit–Wolf's ((N, C) input only); ``flat``: (N, C) input."""
+    """``WhitenBatch``'s outputs (y, μ, Σ, W, ρ) for ZCA (W sparsified to ``density`` < 1 as
+    ``whitening.sparsify``), each way in one C++ call (``zca_forward``/``zca_backward`` in
+    csrc/whiten_cpu.cpp, whose comment states the math). ``shrink``: ρ, or −1 for Ledoit–Wolf's
+    ((N, C) input only); ``flat``: (N, C) input."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int, eps: float,
-                shrink: float, flat: bool):
+                shrink: float, flat: bool, density: float = 1.0):
         kernel = whiten_cpu()
         c = min(group_size, x.shape[1])
         step = kernel.zca_forward_flat if flat else kernel.zca_forward
-        y, mean, cov, w, rho, *saved = step(x, weight, bias, c, eps, shrink)
-        ctx.save_for_backward(mean, w, rho, *saved, weight)
+        y, mean, cov, w, rho, *saved = step(x, weight, bias, c, eps, shrink, density)
+        ctx.save_for_backward(mean, w, rho, weight, *saved)
         ctx.flat, ctx.group_size = flat, c
         ctx.mark_non_differentiable(mean, cov, w, rho)
         ctx.set_materialize_grads(False)
@@ -135,18 +136,18 @@ class ZCAStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor | None, *_):
         if grad is None:
-            return (None,) * 7
+            return (None,) * 8
         refuse_double_backward("exoticnorm whitening norms are",
                                "use the norm in eval mode (an affine map) for that part of the loss")
         kernel = whiten_cpu()
         want_weight, want_bias = ctx.needs_input_grad[1:3]
-        mean, w, rho, x, a, u, s, weight = ctx.saved_tensors
+        mean, w, rho, weight, x, a, u, s, *sparse = ctx.saved_tensors
         with autocast_off(grad):
             if ctx.flat:
-                gx, gw, gb = kernel.zca_backward_flat(grad, x, w, rho, a, u, s, weight, want_weight, want_bias)
+                gx, gw, gb = kernel.zca_backward_flat(grad, x, w, rho, a, u, s, weight, want_weight, want_bias, sparse)
             else:
                 gx, gw, gb = kernel.zca_backward(grad, x, mean, w, rho, a, u, s, weight, ctx.group_size,
-                                                 want_weight, want_bias)
+                                                 want_weight, want_bias, sparse)
         c = grad.shape[1]
         return (gx, gw.flatten()[:c] if want_weight else None, gb.flatten()[:c] if want_bias else None,
-                None, None, None, None)
+                None, None, None, None, None)

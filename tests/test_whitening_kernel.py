@@ -95,14 +95,14 @@ STEP_CASES = [
 ]
 
 
-def _step_vs_torch_ops(shape, c, shrinkage, plan, dtype=torch.float64, affine=(True, True)):
+def _step_vs_torch_ops(shape, c, shrinkage, plan, dtype=torch.float64, affine=(True, True), density=1.0):
     gen = torch.Generator().manual_seed(1)
     f64 = torch.float64
     mix = torch.eye(shape[1], dtype=f64) + 0.4 * torch.randn(shape[1], shape[1], generator=gen, dtype=f64)
     x = torch.einsum("dc,nc...->nd...", mix, torch.randn(shape, generator=gen, dtype=f64)).to(dtype)
     params = [torch.randn(shape[1], generator=gen, dtype=f64).to(dtype) if on else None for on in affine]
     g = torch.randn(shape, generator=gen, dtype=f64).to(dtype)
-    spec = W.WhiteningSpec(shrinkage=shrinkage, method="eigh")
+    spec = W.WhiteningSpec(shrinkage=shrinkage, method="eigh", density=density)
     assert zca_plan(x, c, spec) == plan
     out = {}
     for name in ("torch", "step"):
@@ -111,7 +111,8 @@ def _step_vs_torch_ops(shape, c, shrinkage, plan, dtype=torch.float64, affine=(T
         if name == "torch":
             y, mean, cov, w, rho, *_ = W.WhitenBatch.apply(xs, *ps, c, spec)
         else:
-            y, mean, cov, w, rho = ZCAStep.apply(xs, *ps, c, spec.eps, step_shrinkage(x, c, spec), plan == "flat")
+            y, mean, cov, w, rho = ZCAStep.apply(xs, *ps, c, spec.eps, step_shrinkage(x, c, spec), plan == "flat",
+                                                 density)
         (y * g).sum().backward()
         out[name] = dict(y=y, mean=mean, cov=cov, w=w, rho=rho, gx=xs.grad,
                          **{f"g{i}": p.grad for i, p in enumerate(ps) if p is not None})
@@ -121,6 +122,17 @@ def _step_vs_torch_ops(shape, c, shrinkage, plan, dtype=torch.float64, affine=(T
 @pytest.mark.parametrize("shape,c,shrinkage,plan", STEP_CASES)
 def test_zca_step_equals_torch_ops_in_float64(shape, c, shrinkage, plan):
     out = _step_vs_torch_ops(shape, c, shrinkage, plan)
+    for key, ref in out["torch"].items():
+        torch.testing.assert_close(out["step"][key].reshape(ref.shape), ref, rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("shape,c,shrinkage,plan", [STEP_CASES[0], STEP_CASES[2], STEP_CASES[4], STEP_CASES[6]])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.5])
+def test_sparse_zca_step_equals_torch_ops_in_float64(shape, c, shrinkage, plan, density):
+    """SparseZCANorm's W (sparsify="whitening"): the kept entries, the row rescaling and the
+    backward through both, against autograd through whitening.sparsify."""
+    out = _step_vs_torch_ops(shape, c, shrinkage, plan, density=density)
     for key, ref in out["torch"].items():
         torch.testing.assert_close(out["step"][key].reshape(ref.shape), ref, rtol=1e-9, atol=1e-10,
                                    msg=lambda m: f"{key}: {m}")
@@ -140,8 +152,9 @@ def test_zca_step_gradcheck(flat):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: ZCAStep.apply(*t, 3 if flat else 2, 1e-5, 0.1, flat)[0],
-                                    (x, weight, bias))
+    for density in (1.0, 0.5):
+        assert torch.autograd.gradcheck(lambda *t: ZCAStep.apply(*t, 3 if flat else 2, 1e-5, 0.1, flat, density)[0],
+                                        (x, weight, bias))
 
 
 def test_zca_step_float32_whitens_as_well_as_torch_ops():
@@ -176,7 +189,8 @@ def test_zca_step_plan():
     assert zca_plan(torch.empty(8, 6), 6, spec) == "flat"
     assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(transform="cholesky")) is None
     assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(method="newton")) is None
-    assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(density=0.5)) is None
+    assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(density=0.5)) == "spatial"
+    assert zca_plan(torch.empty(8, 6, 4, 4), 6, W.WhiteningSpec(density=0.5, sparsify="covariance")) is None
     assert zca_plan(torch.empty(8, 6, 4, 4, dtype=torch.float16), 6, spec) is None
     assert step_shrinkage(torch.empty(8, 6), 6, spec) == -1.0     # 8 < 4·6: Ledoit–Wolf
     assert step_shrinkage(torch.empty(30, 6), 6, spec) == 0.0

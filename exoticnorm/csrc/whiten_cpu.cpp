@@ -384,6 +384,7 @@ torch::Tensor grad_input(torch::Tensor gy, torch::Tensor x, torch::Tensor p, tor
 //   Sigma_reg = (1 - rho) Sigma + (rho m + eps) I, m = tr(Sigma)/c; Sigma_reg = U diag(s^2) U^T
 //   (s^2 floored at lambda_max * eps_T as in whitening.py); W = U diag(1/s) U^T; A = gamma o W (row i
 //   scaled by gamma_i); b = beta.
+// With sparsification (SparseZCANorm, sparsify="whitening") W is then W_s of sparsify_rows.
 // Backward (rho a constant): dW = gamma o dA, dgamma_i = sum_j dA_ij W_ij, dbeta = db,
 //   dSigma_reg = U (K o U^T sym(dW) U) U^T with K_ij = -1 / (s_i s_j (s_i + s_j)) (Daleckii-Krein,
 //   finite at repeated eigenvalues), dSigma = (1 - rho) dSigma_reg + rho/c tr(dSigma_reg) I.
@@ -438,13 +439,47 @@ OptTensor as_dtype(const OptTensor& v) {
 
 struct Map {
   torch::Tensor w, a, b, u, s;  // W, A, b in the input's dtype T; U, s in the map's S
+  std::vector<torch::Tensor> sparse;  // with sparsification: mask, W o mask, row variances v, Sigma_reg (in S)
 };
+
+// Sparsification of W (group g, c x c, in S) to `density` as whitening.py's sparsify: keep the
+// diagonal and the k = round(density (c^2 - c)) largest |W_ij| off it (ties at the k-th kept), then
+// W_s = diag(v)^(-1/2) (W o mask), v_i = ((W o mask) Sigma_reg (W o mask)^T)_ii: unit variance rows.
+template <typename S>
+void sparsify_rows(S* w, const S* reg, double density, int64_t c, double tiny, S* mask, S* ws, S* v) {
+  const int64_t off = c * c - c;
+  const int64_t k = int64_t(std::nearbyint(density * double(off)));  // Python's round(): half to even
+  std::vector<S> score(c * c);
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) score[i * c + j] = i == j ? S(-1) : std::abs(w[i * c + j]);
+  S threshold = 0;
+  if (k > 0 && k < off) {
+    std::vector<S> sorted(score);
+    std::nth_element(sorted.begin(), sorted.begin() + (k - 1), sorted.end(), std::greater<S>());
+    threshold = sorted[k - 1];
+  }
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      const bool keep = i == j || k >= off || (k > 0 && score[i * c + j] >= threshold);
+      mask[i * c + j] = keep ? S(1) : S(0);
+      ws[i * c + j] = keep ? w[i * c + j] : S(0);
+    }
+  std::vector<S> wr(c * c);
+  matmul<S>(ws, false, reg, false, wr.data(), c);
+  for (int64_t i = 0; i < c; ++i) {
+    double acc = 0;
+    for (int64_t j = 0; j < c; ++j) acc += double(wr[i * c + j]) * double(ws[i * c + j]);
+    v[i] = S(acc);
+    const double r = 1.0 / std::sqrt(std::max(acc, tiny));
+    for (int64_t j = 0; j < c; ++j) w[i * c + j] = S(double(ws[i * c + j]) * r);
+  }
+}
 
 // The map of the comment above, from the biased covariance (G, c, c) (any float dtype) and rho (G,),
 // with gamma, beta (C,) of dtype T.
 template <typename T, typename S>
 Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, const OptTensor& weight_,
-                const OptTensor& bias_, int64_t C) {
+                const OptTensor& bias_, int64_t C, double density) {
   const OptTensor weight = as_dtype<T>(weight_), bias = as_dtype<T>(bias_);
   const int64_t G = cov.size(0), c = cov.size(-1);
   const double meps = std::numeric_limits<T>::epsilon(), tiny = std::numeric_limits<T>::min();
@@ -469,6 +504,11 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
   auto b = at::empty({G, c}, topt);
   const T* gam = weight ? weight->data_ptr<T>() : nullptr;
   const T* bet = bias ? bias->data_ptr<T>() : nullptr;
+  const bool sparse = density < 1.0;
+  std::vector<torch::Tensor> kept;
+  if (sparse)
+    kept = {at::empty({G, c, c}, reg.options()), at::empty({G, c, c}, reg.options()), at::empty({G, c}, reg.options()),
+            reg};
   std::vector<S> tmp(c * c), ws(c * c);
   for (int64_t g = 0; g < G; ++g) {
     S* sg = s.data_ptr<S>() + g * c;
@@ -478,19 +518,24 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
     for (int64_t i = 0; i < c; ++i)
       for (int64_t k = 0; k < c; ++k) tmp[i * c + k] = ug[i * c + k] / sg[k];
     matmul<S>(tmp.data(), false, ug, true, ws.data(), c);  // U diag(1/s) U^T
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t j = 0; j < i; ++j) ws[j * c + i] = ws[i * c + j];  // exactly symmetric
+    if (sparse)
+      sparsify_rows<S>(ws.data(), R + g * c * c, density, c, tiny, kept[0].data_ptr<S>() + g * c * c,
+                       kept[1].data_ptr<S>() + g * c * c, kept[2].data_ptr<S>() + g * c);
     T* wg = w.data_ptr<T>() + g * c * c;
     T* ag = a.data_ptr<T>() + g * c * c;
     for (int64_t i = 0; i < c; ++i) {
       const double gi = gam ? grouped_at(gam, C, g, c, i, 1.0) : 1.0;
       for (int64_t j = 0; j < c; ++j) {
-        const S v = i >= j ? ws[i * c + j] : ws[j * c + i];  // exactly symmetric
+        const S v = ws[i * c + j];
         wg[i * c + j] = T(v);
         if (gam) ag[i * c + j] = T(double(v) * gi);
       }
       b.data_ptr<T>()[g * c + i] = T(bet ? grouped_at(bet, C, g, c, i, 0.0) : 0.0);
     }
   }
-  return {w, a, b, u, s};
+  return {w, a, b, u, s, kept};
 }
 
 // (dSigma (G, c, c), dgamma (G, c) or undefined), both of dtype T, from dA (G, c, c) of any float dtype.
@@ -505,7 +550,9 @@ std::pair<torch::Tensor, torch::Tensor> map_backward(const torch::Tensor& ga, co
   auto gcov = at::empty({G, c, c}, map.w.options());
   auto gweight = want_weight ? at::empty({G, c}, map.w.options()) : torch::Tensor();
   const T* gam = weight ? weight->data_ptr<T>() : nullptr;
-  std::vector<S> sym(c * c), t1(c * c), t2(c * c);
+  const bool sparse = !map.sparse.empty();
+  const double tiny = std::numeric_limits<T>::min();
+  std::vector<S> sym(c * c), t1(c * c), t2(c * c), gw(c * c), extra(sparse ? c * c : 0), dv(c);
   for (int64_t g = 0; g < G; ++g) {
     const S* gag = gad.data_ptr<S>() + g * c * c;
     const T* wg = wc.data_ptr<T>() + g * c * c;
@@ -517,19 +564,39 @@ std::pair<torch::Tensor, torch::Tensor> map_backward(const torch::Tensor& ga, co
         for (int64_t j = 0; j < c; ++j) acc += double(gag[i * c + j]) * double(wg[i * c + j]);
         gweight.data_ptr<T>()[g * c + i] = T(acc);
       }
-    for (int64_t i = 0; i < c; ++i) {
+    for (int64_t i = 0; i < c; ++i) {  // dW = gamma o dA
       const S gi = gam ? S(grouped_at(gam, C, g, c, i, 1.0)) : S(1);
-      for (int64_t j = 0; j < c; ++j) {
-        const S gj = gam ? S(grouped_at(gam, C, g, c, j, 1.0)) : S(1);
-        sym[i * c + j] = S(0.5) * (gi * gag[i * c + j] + gj * gag[j * c + i]);
-      }
+      for (int64_t j = 0; j < c; ++j) gw[i * c + j] = gi * gag[i * c + j];
     }
+    if (sparse) {  // back through W_s = diag(v)^(-1/2) (W o mask): into dW and the extra dSigma_reg
+      const S* mk = map.sparse[0].data_ptr<S>() + g * c * c;
+      const S* wsg = map.sparse[1].data_ptr<S>() + g * c * c;
+      const S* vg = map.sparse[2].data_ptr<S>() + g * c;
+      const S* rg = map.sparse[3].data_ptr<S>() + g * c * c;
+      matmul<S>(wsg, false, rg, false, t1.data(), c);  // W_m Sigma_reg
+      for (int64_t i = 0; i < c; ++i) {
+        const bool clamped = double(vg[i]) < tiny;
+        const double r = 1.0 / std::sqrt(std::max(double(vg[i]), tiny));
+        double dot = 0;
+        for (int64_t j = 0; j < c; ++j) dot += double(gw[i * c + j]) * double(wsg[i * c + j]);
+        dv[i] = clamped ? S(0) : S(-0.5 * r * r * r * dot);
+        for (int64_t j = 0; j < c; ++j)
+          gw[i * c + j] = S((double(gw[i * c + j]) * r + 2 * double(dv[i]) * double(t1[i * c + j])) * double(mk[i * c + j]));
+      }
+      for (int64_t k = 0; k < c; ++k)
+        for (int64_t j = 0; j < c; ++j) t2[k * c + j] = dv[k] * wsg[k * c + j];
+      matmul<S>(wsg, true, t2.data(), false, extra.data(), c);  // W_m^T diag(dv) W_m
+    }
+    for (int64_t i = 0; i < c; ++i)
+      for (int64_t j = 0; j < c; ++j) sym[i * c + j] = S(0.5) * (gw[i * c + j] + gw[j * c + i]);
     matmul<S>(ug, true, sym.data(), false, t1.data(), c);  // U^T sym
     matmul<S>(t1.data(), false, ug, false, t2.data(), c);  // U^T sym U
     for (int64_t i = 0; i < c; ++i)
       for (int64_t j = 0; j < c; ++j) t2[i * c + j] /= -(sg[i] * sg[j] * (sg[i] + sg[j]));
     matmul<S>(ug, false, t2.data(), false, t1.data(), c);
     matmul<S>(t1.data(), false, ug, true, t2.data(), c);  // U (K o U^T sym U) U^T
+    if (sparse)
+      for (int64_t i = 0; i < c * c; ++i) t2[i] += extra[i];
     double tr = 0;
     for (int64_t i = 0; i < c; ++i) tr += double(t2[i * c + i]);
     const double p = rd.data_ptr<double>()[g];
@@ -541,11 +608,11 @@ std::pair<torch::Tensor, torch::Tensor> map_backward(const torch::Tensor& ga, co
 }
 
 Map zca_map(const torch::Tensor& cov, const torch::Tensor& rho, double eps, const OptTensor& weight,
-            const OptTensor& bias, at::ScalarType dtype, int64_t C) {
+            const OptTensor& bias, at::ScalarType dtype, int64_t C, double density) {
   Map out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "zca_map", [&] {
-    out = cov.size(-1) > kSmall ? map_forward<scalar_t, scalar_t>(cov, rho, eps, weight, bias, C)
-                                : map_forward<scalar_t, double>(cov, rho, eps, weight, bias, C);
+    out = cov.size(-1) > kSmall ? map_forward<scalar_t, scalar_t>(cov, rho, eps, weight, bias, C, density)
+                                : map_forward<scalar_t, double>(cov, rho, eps, weight, bias, C, density);
   });
   return out;
 }
@@ -597,11 +664,11 @@ torch::Tensor ledoit_wolf(const torch::Tensor& xc, const torch::Tensor& cov) {
 
 }  // namespace
 
-// Spatial input x (N, C, *s), groups of c dividing C, fixed shrinkage rho >= 0:
-// {y (x's shape, a new tensor), mean (G, c), cov (G, c, c), W, rho (G,), then what backward takes:
-//  x as (N, C, S), A, U, s}.
+// Spatial input x (N, C, *s), groups of c dividing C, fixed shrinkage rho >= 0, W sparsified to
+// `density` (1: not): {y (x's shape, a new tensor), mean (G, c), cov (G, c, c), W, rho (G,), then what
+// backward takes: x as (N, C, S), A, U, s and, when sparsified, its four (Map::sparse)}.
 std::vector<torch::Tensor> zca_forward(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
-                                       double shrink) {
+                                       double shrink, double density) {
   const int64_t N = x.size(0), C = x.size(1), G = C / c;
   auto x3 = x.reshape({N, C, -1}).contiguous();
   check_x(x3, c);
@@ -623,16 +690,19 @@ std::vector<torch::Tensor> zca_forward(torch::Tensor x, OptTensor weight, OptTen
     }
   });
   auto rho = at::full({G}, shrink, x.options());
-  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type(), C);
+  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type(), C, density);
   auto y = at::empty(x.sizes(), x3.options());
   affine(x3, map.a, mean, map.b, c, y.view(x3.sizes()));
-  return {y, mean, cov.to(x.scalar_type()), map.w, rho, x3, map.a, map.u, map.s};
+  std::vector<torch::Tensor> out{y, mean, cov.to(x.scalar_type()), map.w, rho, x3, map.a, map.u, map.s};
+  out.insert(out.end(), map.sparse.begin(), map.sparse.end());
+  return out;
 }
 
 // The backward of zca_forward: {dx (x's shape), dgamma (G, c) or undefined, dbeta (G, c) or undefined}.
 std::vector<torch::Tensor> zca_backward(torch::Tensor gy, torch::Tensor x3, torch::Tensor mean, torch::Tensor w,
                                         torch::Tensor rho, torch::Tensor a, torch::Tensor u, torch::Tensor s,
-                                        OptTensor weight, int64_t c, bool want_weight, bool want_bias) {
+                                        OptTensor weight, int64_t c, bool want_weight, bool want_bias,
+                                        std::vector<torch::Tensor> sparse) {
   auto gy3 = gy.to(x3.scalar_type()).reshape(x3.sizes()).contiguous();
   const int64_t G = x3.size(1) / c;
   const double M = double(x3.size(0) * x3.size(2));
@@ -648,7 +718,7 @@ std::vector<torch::Tensor> zca_backward(torch::Tensor gy, torch::Tensor x3, torc
       std::memcpy(ga.data_ptr<double>() + g * c * c, t + g * (c + c * c) + c, sizeof(double) * c * c);
     }
   });
-  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s}, rho, weight, want_weight, x3.size(1));
+  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s, sparse}, rho, weight, want_weight, x3.size(1));
   auto gcov = back.first.contiguous();
   auto ac = a.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x3.scalar_type(), "zca_backward_maps", [&] {  // P = A^T, Q = (dS + dS^T)/M, v = -A^T db / M
@@ -676,9 +746,10 @@ std::vector<torch::Tensor> zca_backward(torch::Tensor gy, torch::Tensor x3, torc
 }
 
 // (N, C) input in groups of c (the last zero-padded), shrinkage rho >= 0 or Ledoit-Wolf's (shrink < 0):
-// {y (N, C), mean (G, c), cov (G, c, c), W, rho (G,), then what backward takes: xc (N, G, c), A, U, s}.
+// {y (N, C), mean (G, c), cov (G, c, c), W, rho (G,), then what backward takes: xc (N, G, c), A, U, s
+// and, when sparsified to `density` < 1, its four}.
 std::vector<torch::Tensor> zca_forward_flat(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
-                                            double shrink) {
+                                            double shrink, double density) {
   const int64_t N = x.size(0), C = x.size(1), G = (C + c - 1) / c;
   auto xp = G * c > C ? at::constant_pad_nd(x, {0, G * c - C}) : x;
   auto xv = xp.reshape({N, G, c});
@@ -687,7 +758,7 @@ std::vector<torch::Tensor> zca_forward_flat(torch::Tensor x, OptTensor weight, O
   auto xg = xc.permute({1, 0, 2});  // (G, N, c)
   auto cov = group_mm(xg.transpose(1, 2), xg).div_(double(N));
   auto rho = shrink < 0 ? ledoit_wolf(xc, cov) : at::full({G}, shrink, x.options());
-  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type(), C);
+  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type(), C, density);
   torch::Tensor y;
   if (G == 1) {
     y = at::addmm(map.b[0], xc.view({N, c}), map.a[0].t());
@@ -695,14 +766,16 @@ std::vector<torch::Tensor> zca_forward_flat(torch::Tensor x, OptTensor weight, O
     y = at::empty({N, C}, x.options());
     y.copy_(at::baddbmm(map.b.unsqueeze(1), xg, map.a.mT()).permute({1, 0, 2}).reshape({N, G * c}).narrow(1, 0, C));
   }
-  return {y, mean, cov, map.w, rho, xc, map.a, map.u, map.s};
+  std::vector<torch::Tensor> out{y, mean, cov, map.w, rho, xc, map.a, map.u, map.s};
+  out.insert(out.end(), map.sparse.begin(), map.sparse.end());
+  return out;
 }
 
 // The backward of zca_forward_flat: {dx (N, C), dgamma (G, c) or undefined, dbeta (G, c) or undefined}.
 // Rows: dx = dy A + xc S - (db A) / M with S = (dSigma + dSigma^T) / M.
 std::vector<torch::Tensor> zca_backward_flat(torch::Tensor gy, torch::Tensor xc, torch::Tensor w, torch::Tensor rho,
                                              torch::Tensor a, torch::Tensor u, torch::Tensor s, OptTensor weight,
-                                             bool want_weight, bool want_bias) {
+                                             bool want_weight, bool want_bias, std::vector<torch::Tensor> sparse) {
   const int64_t N = xc.size(0), G = xc.size(1), c = xc.size(2), C = gy.size(1);
   auto g2 = gy.to(xc.scalar_type());
   auto gp = G * c > C ? at::constant_pad_nd(g2, {0, G * c - C}) : g2;
@@ -710,7 +783,7 @@ std::vector<torch::Tensor> zca_backward_flat(torch::Tensor gy, torch::Tensor xc,
   auto xg = xc.permute({1, 0, 2});
   auto gb = gg.sum(1);
   auto ga = group_mm(gg.transpose(1, 2), xg);
-  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s}, rho, weight, want_weight, C);
+  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s, sparse}, rho, weight, want_weight, C);
   const double M = double(N);
   auto sym = (back.first + back.first.mT()).div_(M);
   auto shift = group_mm(gb.unsqueeze(1), a).div_(-M);  // (G, 1, c): -(db A) / M
