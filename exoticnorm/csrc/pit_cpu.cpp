@@ -251,17 +251,18 @@ void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double
   for (const int64_t r : {int64_t(1), coarse}) {  // the forward's tables, then the backward's slope
     if (r != 1 && coarse == 1) break;  // the slope is the exact one, written in the first pass
     run = 0.0;
-    int64_t p = 0;
+    int64_t p = 0, multiple = 0;  // multiple: the largest multiple of r <= k (no division per bin)
     double start = O[0], rise = 0.0;  // the piece from knot p: start + (t - p) rise
     for (int64_t k = 0; k < K; ++k) {
       const double below = run / n;  // G at the bin's bottom edge
       run += double(cnt[k]);
       const bool tied = double(ties[k]) > 1.0;
-      if (k % r == 0 || tied) {  // a knot: the next one is the next multiple of r, K or a tied bin
+      if (k == multiple + r) multiple = k;
+      if (k == multiple || tied) {  // a knot: the next one is the next multiple of r, K or a tied bin
         p = k;
         const double share = tied ? double(ties[k]) / local_n : 0.0;  // the tied values' part
         start = tied ? out(below + share) : O[k];
-        int64_t q = std::min(K, (k / r + 1) * r);
+        int64_t q = std::min(K, multiple + r);
         for (int64_t j = k + 1; j < q; ++j)
           if (double(ties[j]) > 1.0) {
             q = j;
