@@ -297,9 +297,8 @@ def whiten_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_si
     plan = K.zca_plan(x, group_size, spec)
     if plan is not None:
         try:
-            y, mean, cov, w, rho = K.ZCAStep.apply(x, weight, bias, group_size, spec.eps,
-                                                   K.step_shrinkage(x, group_size, spec), plan == "flat", spec.density)
-            return y, mean, cov, w, rho
+            return K.zca_step(x, weight, bias, group_size, spec.eps, K.step_shrinkage(x, group_size, spec),
+                              plan == "flat", spec.density)
         except torch.linalg.LinAlgError:
             pass  # eigh failed: the torch ops below retry it with jitter, then Newton–Schulz
     fn = K.FusedWhitenBatch if K.supported(x, group_size, spec) else WhitenBatch

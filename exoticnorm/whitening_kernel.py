@@ -16,7 +16,7 @@ b = β, for CPU input with spatial dims in float32/float64, from four passes ove
 (Ledoit–Wolf's does), groups that divide C, no process group (the synced path sums moments
 across ranks first).
 
-``ZCAStep`` is plain ZCA's whole training step (W = Σ_reg^(-1/2) by eigh, no sparsification) in
+``zca_step`` is plain ZCA's whole training step (W = Σ_reg^(-1/2) by eigh, no sparsification) in
 one C++ call forward and one backward, the small c×c map included (``zca_plan`` says when):
 for spatial input the passes above, for (N, C) input BLAS; Ledoit–Wolf's ρ too for (N, C).
 """
@@ -28,10 +28,9 @@ from einops import rearrange
 from torch import Tensor
 
 from . import whitening as W
-from .functional import autocast_off, refuse_double_backward
 from .kernels import whiten_cpu
 
-__all__ = ["supported", "FusedWhitenBatch", "zca_plan", "ZCAStep"]
+__all__ = ["supported", "FusedWhitenBatch", "zca_plan", "step_shrinkage", "zca_step"]
 
 
 def supported(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> bool:
@@ -98,7 +97,7 @@ class FusedWhitenBatch(torch.autograd.Function):
 
 
 def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
-    """"flat" ((N, C) input) or "spatial" where ``ZCAStep`` computes this batch, else None."""
+    """"flat" ((N, C) input) or "spatial" where ``zca_step`` computes this batch, else None."""
     if spec.transform != "zca" or spec.method == "newton" or (spec.density < 1.0 and spec.sparsify != "whitening"):
         return None
     if x.ndim == 2 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[0] > 0:
@@ -107,47 +106,18 @@ def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
 
 
 def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
-    """ρ as ``ZCAStep`` takes it: the fixed fraction, or −1 for Ledoit–Wolf's estimate."""
+    """ρ as ``zca_step`` takes it: the fixed fraction, or −1 for Ledoit–Wolf's estimate."""
     count = x.numel() // x.shape[1]
     if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * min(group_size, x.shape[1])):
         return -1.0
     return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
 
 
-class ZCAStep(torch.autograd.Function):
+def zca_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int, eps: float, shrink: float,
+             flat: bool, density: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``WhitenBatch``'s outputs (y, μ, Σ, W, ρ) for ZCA (W sparsified to ``density`` < 1 as
-    ``whitening.sparsify``), each way in one C++ call (``zca_forward``/``zca_backward`` in
-    csrc/whiten_cpu.cpp, whose comment states the math). ``shrink``: ρ, or −1 for Ledoit–Wolf's
-    ((N, C) input only); ``flat``: (N, C) input."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int, eps: float,
-                shrink: float, flat: bool, density: float = 1.0):
-        kernel = whiten_cpu()
-        c = min(group_size, x.shape[1])
-        step = kernel.zca_forward_flat if flat else kernel.zca_forward
-        y, mean, cov, w, rho, *saved = step(x, weight, bias, c, eps, shrink, density)
-        ctx.save_for_backward(mean, w, rho, weight, *saved)
-        ctx.flat, ctx.group_size = flat, c
-        ctx.mark_non_differentiable(mean, cov, w, rho)
-        ctx.set_materialize_grads(False)
-        return y, mean, cov, w, rho
-
-    @staticmethod
-    def backward(ctx, grad: Tensor | None, *_):
-        if grad is None:
-            return (None,) * 8
-        refuse_double_backward("exoticnorm whitening norms are",
-                               "use the norm in eval mode (an affine map) for that part of the loss")
-        kernel = whiten_cpu()
-        want_weight, want_bias = ctx.needs_input_grad[1:3]
-        mean, w, rho, weight, x, a, u, s, *sparse = ctx.saved_tensors
-        with autocast_off(grad):
-            if ctx.flat:
-                gx, gw, gb = kernel.zca_backward_flat(grad, x, w, rho, a, u, s, weight, want_weight, want_bias, sparse)
-            else:
-                gx, gw, gb = kernel.zca_backward(grad, x, mean, w, rho, a, u, s, weight, ctx.group_size,
-                                                 want_weight, want_bias, sparse)
-        c = grad.shape[1]
-        return (gx, gw.flatten()[:c] if want_weight else None, gb.flatten()[:c] if want_bias else None,
-                None, None, None, None, None)
+    ``whitening.sparsify``) by a C++ autograd Function: one call forward, one backward, no Python
+    between (``zca_step`` in csrc/whiten_cpu.cpp, whose comments state the math). ``shrink``: ρ, or
+    −1 for Ledoit–Wolf's ((N, C) input only); ``flat``: (N, C) input. Not twice differentiable."""
+    c = min(group_size, x.shape[1])
+    return tuple(whiten_cpu().zca_step(x, weight, bias, c, eps, shrink, flat, density))

@@ -80,9 +80,9 @@ def test_unsupported_cases_fall_back(shape, c, shrinkage, why):
     assert not supported(torch.empty(shape), c, W.WhiteningSpec(shrinkage=shrinkage)), why
 
 
-# --- ZCAStep: plain ZCA's training step in one C++ call each way ------------------------------------
+# --- zca_step: ZCA's training step in one C++ call each way ------------------------------------
 
-from exoticnorm.whitening_kernel import ZCAStep, step_shrinkage, zca_plan  # noqa: E402
+from exoticnorm.whitening_kernel import step_shrinkage, zca_plan, zca_step  # noqa: E402
 
 STEP_CASES = [
     ((8, 6, 5, 5), 6, 0.1, "spatial"),      # small c: the map in double loops
@@ -111,7 +111,7 @@ def _step_vs_torch_ops(shape, c, shrinkage, plan, dtype=torch.float64, affine=(T
         if name == "torch":
             y, mean, cov, w, rho, *_ = W.WhitenBatch.apply(xs, *ps, c, spec)
         else:
-            y, mean, cov, w, rho = ZCAStep.apply(xs, *ps, c, spec.eps, step_shrinkage(x, c, spec), plan == "flat",
+            y, mean, cov, w, rho = zca_step(xs, *ps, c, spec.eps, step_shrinkage(x, c, spec), plan == "flat",
                                                  density)
         (y * g).sum().backward()
         out[name] = dict(y=y, mean=mean, cov=cov, w=w, rho=rho, gx=xs.grad,
@@ -153,7 +153,7 @@ def test_zca_step_gradcheck(flat):
     weight = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
     for density in (1.0, 0.5):
-        assert torch.autograd.gradcheck(lambda *t: ZCAStep.apply(*t, 3 if flat else 2, 1e-5, 0.1, flat, density)[0],
+        assert torch.autograd.gradcheck(lambda *t: zca_step(*t, 3 if flat else 2, 1e-5, 0.1, flat, density)[0],
                                         (x, weight, bias))
 
 
@@ -167,7 +167,7 @@ def test_zca_step_float32_whitens_as_well_as_torch_ops():
         spec = W.WhiteningSpec(shrinkage=0.0, eps=0.0, method="eigh")
         assert zca_plan(x, c, spec) == plan
         errs = []
-        for y in (W.WhitenBatch.apply(x, None, None, c, spec)[0], ZCAStep.apply(x, None, None, c, 0.0, 0.0, plan == "flat")[0]):
+        for y in (W.WhitenBatch.apply(x, None, None, c, spec)[0], zca_step(x, None, None, c, 0.0, 0.0, plan == "flat")[0]):
             yv = W.group_view(y.double(), c)
             yc = yv - yv.mean((0, 3), keepdim=True)
             cov = torch.matmul(yc, yc.mT).sum(0) / W.sample_count(yv)
@@ -177,7 +177,7 @@ def test_zca_step_float32_whitens_as_well_as_torch_ops():
 
 def test_zca_step_output_may_be_modified_in_place():
     for x in (torch.randn(8, 6, 4, 4, requires_grad=True), torch.randn(32, 6, requires_grad=True)):
-        y = ZCAStep.apply(x, None, None, 6, 1e-5, 0.0, x.ndim == 2)[0]
+        y = zca_step(x, None, None, 6, 1e-5, 0.0, x.ndim == 2)[0]
         assert not y._is_view()
         torch.relu_(y).sum().backward()
         assert torch.isfinite(x.grad).all()

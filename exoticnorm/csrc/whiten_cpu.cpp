@@ -797,13 +797,75 @@ std::vector<torch::Tensor> zca_backward_flat(torch::Tensor gy, torch::Tensor xc,
   return {gx, back.second, want_bias ? gb : torch::Tensor()};
 }
 
+// ---- ZCA's training step as an autograd Function (one call each way, no Python in between) ----
+
+namespace {
+
+// Inputs: x, gamma, beta, then c, eps, shrink, flat, density (see zca_step).
+class ZCAStepFunction : public torch::autograd::Function<ZCAStepFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, torch::Tensor x,
+                                                OptTensor weight, OptTensor bias, int64_t c, double eps, double shrink,
+                                                bool flat, double density) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto out = flat ? zca_forward_flat(x, weight, bias, c, eps, shrink, density)
+                    : zca_forward(x, weight, bias, c, eps, shrink, density);
+    std::vector<torch::Tensor> saved{out[1], out[3], out[4], weight ? *weight : torch::Tensor()};
+    saved.insert(saved.end(), out.begin() + 5, out.end());  // x (or xc), A, U, s, and the sparse four
+    ctx->save_for_backward(saved);
+    ctx->saved_data["flat"] = flat;
+    ctx->saved_data["c"] = c;
+    ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({out[1], out[2], out[3], out[4]});
+    ctx->set_materialize_grads(false);
+    return {out[0], out[1], out[2], out[3], out[4]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list result(8);
+    const auto& grad = grads[0];
+    if (!grad.defined()) return result;  // only y is differentiable
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "exoticnorm whitening norms are not twice differentiable: double backward (create_graph=True, e.g. a "
+                "gradient penalty) is not supported; use the norm in eval mode (an affine map) for that part of the loss");
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto saved = ctx->get_saved_variables();
+    size_t edge = 1;  // needs_input_grad counts the tensor inputs only: x, then gamma and beta where given
+    const bool want_weight = ctx->saved_data["has_weight"].toBool() && ctx->needs_input_grad(edge++);
+    const bool want_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(edge);
+    OptTensor weight = saved[3].defined() ? OptTensor(saved[3]) : OptTensor();
+    std::vector<torch::Tensor> sparse(saved.begin() + 8, saved.end());
+    std::vector<torch::Tensor> back;
+    if (ctx->saved_data["flat"].toBool())
+      back = zca_backward_flat(grad, saved[4], saved[1], saved[2], saved[5], saved[6], saved[7], weight, want_weight,
+                               want_bias, sparse);
+    else
+      back = zca_backward(grad, saved[4], saved[0], saved[1], saved[2], saved[5], saved[6], saved[7], weight,
+                          ctx->saved_data["c"].toInt(), want_weight, want_bias, sparse);
+    const int64_t C = grad.size(1);
+    result[0] = back[0];
+    if (want_weight) result[1] = back[1].flatten().narrow(0, 0, C);
+    if (want_bias) result[2] = back[2].flatten().narrow(0, 0, C);
+    return result;
+  }
+};
+
+}  // namespace
+
+// y, and without gradient mean (G, c), cov (G, c, c), W, rho (G,): the whitening of x (N, C, *s), or of
+// (N, C) input when flat, per group of c channels, W sparsified to `density` (1: not), rho fixed
+// (or Ledoit-Wolf's when shrink < 0, flat only); differentiable in x, gamma and beta.
+std::vector<torch::Tensor> zca_step(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
+                                    double shrink, bool flat, double density) {
+  return ZCAStepFunction::apply(x, weight, bias, c, eps, shrink, flat, density);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moments", &moments, "whitening: shifted sums and scatter per channel group");
   m.def("affine", &affine, "whitening: y = A (x - mean) + b per channel group");
   m.def("grad_moments", &grad_moments, "whitening backward: sums of gy and gy (x - mean)^T per group");
   m.def("grad_input", &grad_input, "whitening backward: gx = P gy + Q (x - mean) + v per group");
-  m.def("zca_forward", &zca_forward, "ZCA training forward, (N, C, S) input");
-  m.def("zca_backward", &zca_backward, "ZCA training backward, (N, C, S) input");
-  m.def("zca_forward_flat", &zca_forward_flat, "ZCA training forward, (N, C) input");
-  m.def("zca_backward_flat", &zca_backward_flat, "ZCA training backward, (N, C) input");
+  m.def("zca_step", &zca_step, "ZCA's training step, an autograd Function");
 }
