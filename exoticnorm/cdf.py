@@ -39,7 +39,7 @@ from .functional import refuse_double_backward
 from .kernels import pit_cpu
 
 __all__ = ["coarsening", "output_map", "batch_counts", "largest_ties", "batch_tables", "apply_tables", "eval_cdf",
-           "FusedTransform", "TableTransform"]
+           "TableTransform"]
 
 
 def coarsening(n: Tensor, bins: int, smoothing: float) -> Tensor:
@@ -159,24 +159,6 @@ class _KernelTransform(torch.autograd.Function):
         x3, weight, *tables = ctx.saved_tensors
         gx, gw, gb = pit_cpu().backward(gy.contiguous(), x3, *tables, weight)
         return gx, gw, gb, *[None] * ctx.extra
-
-
-class FusedTransform(_KernelTransform):
-    """The single-process training forward as one kernel call: counts on a copy of the grid,
-    tables, the sketch's update (cdf, weight, mean, var, ready, updated in place) and y.
-    Returns y and, without gradient, the (regrid, std) with which the caller moves grids and
-    per channel (3, C) the count of finite values and the value and size of its largest tie."""
-
-    @staticmethod
-    def forward(ctx, x3, weight, bias, center, scale, cdf, seen, mean, var, ready, config):
-        bins, normal, tail, smoothing, momentum, shift, observe, follow = config
-        y, c0, s0, *tables, regrid, std, extras = pit_cpu().forward(
-            x3, center, scale, bins, normal, tail, smoothing, cdf, seen, mean, var, ready, momentum,
-            shift, observe, follow, weight, bias)
-        ctx.save_for_backward(x3, weight, c0, s0, *tables)
-        ctx.extra = 8  # inputs after weight and bias
-        ctx.mark_non_differentiable(regrid, std, extras)
-        return y, regrid, std, extras
 
 
 class TableTransform(_KernelTransform):

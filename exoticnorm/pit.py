@@ -109,18 +109,14 @@ class PITNorm(RunningStatsNorm):
         observe = self.training and self.track_running_stats
         momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
         normal = self.output == "normal"
-        if not synced():  # one C++ call
-            config = (self.bins, normal, self.tail, self.smoothing, momentum, sketch.regrid_shift,
-                      observe, not fresh)
-            y, regrid, std, (finite, atom, ties) = cdf.FusedTransform.apply(
-                x3, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean,
-                sketch.var, sketch.ready, config)
-            if observe:
-                sketch.nonfinite.add_((x3.shape[0] * x3.shape[2] - finite).to(sketch.nonfinite.dtype))
-                sketch.observe_atoms(atom, ties, finite)
+        kernel = pit_cpu()
+        if not synced():  # one C++ autograd Function: counts, tables, the sketch's update, y
+            y, regrid, std = kernel.step(
+                x3, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
+                sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, self.bins, normal, self.tail,
+                self.smoothing, momentum, sketch.regrid_shift, observe, not fresh)
             sketch.move_grids(regrid, std)
             return y
-        kernel = pit_cpu()
         center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
         counts, bottom, ties, moments = kernel.histogram(x3, center, scale, self.bins)
         bottom, ties = _union_bins(bottom, ties)

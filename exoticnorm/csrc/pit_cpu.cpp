@@ -676,8 +676,100 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
   return {gx, gw.to(gy.scalar_type()), gb.to(gy.scalar_type())};
 }
 
+// ---- the single-process training step as an autograd Function ----------------------------------
+
+namespace {
+
+// QuantileSketch.observe_atoms for every channel, from forward's extras (3, C: finite count, the
+// value and size of the largest tie), after observe_channel updated the weights: the batch's largest
+// tie is averaged into (atom, atom_mass) with the weight observe used; a tie elsewhere replaces it.
+template <typename S>
+void observe_atoms(const torch::Tensor& extras, const torch::Tensor& seen, const torch::Tensor& atom,
+                   const torch::Tensor& atom_mass, double momentum) {
+  const int64_t C = extras.size(1);
+  const double* e = extras.data_ptr<double>();
+  const S* w = seen.data_ptr<S>();
+  S* at = atom.data_ptr<S>();
+  S* am = atom_mass.data_ptr<S>();
+  for (int64_t c = 0; c < C; ++c) {
+    const double n = e[c];
+    const S share = S(e[2 * C + c] / std::max(n, 1.0)), value = S(e[C + c]), ns = S(n);
+    S factor = momentum < 0.0 ? ns / std::max(w[c], S(1)) : (w[c] - ns <= S(0) ? S(1) : S(momentum));
+    if (!(n > 0.0)) factor = 0;
+    const bool same = value == at[c] && am[c] > S(0);
+    const bool fresh = value == value && !same && factor > S(0);
+    const S end = same ? share : S(0), start = am[c];  // torch.lerp's two-sided formula
+    const S mass = factor < S(0.5) ? start + factor * (end - start) : end - (end - start) * (S(1) - factor);
+    am[c] = fresh ? share * factor : mass;
+    if (fresh) at[c] = value;
+  }
+}
+
+// Inputs: x (N, C, S), gamma, beta, the sketch's center, scale, cdf, weight, mean, var, ready, nonfinite,
+// atom, atom_mass, then K, normal, tail, smoothing, momentum (< 0: cumulative), shift, observe, follow.
+class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
+      torch::Tensor center, torch::Tensor scale, torch::Tensor cdf, torch::Tensor seen, torch::Tensor mean,
+      torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom, torch::Tensor atom_mass,
+      int64_t K, bool normal, double tail, double smoothing, double momentum, double shift, bool observe,
+      bool do_follow) {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto out = ::forward(x, center, scale, K, normal, tail, smoothing, cdf, seen, mean, var, ready, momentum, shift,
+                         observe, do_follow, weight, bias);
+    // out: y, the grid copy (center, scale), lo, span, tie, atom, slope, regrid, std, extras
+    if (observe) {
+      TORCH_CHECK(nonfinite.is_contiguous() && atom.is_contiguous() && atom_mass.is_contiguous() &&
+                  nonfinite.scalar_type() == cdf.scalar_type() && atom.scalar_type() == cdf.scalar_type() &&
+                  atom_mass.scalar_type() == cdf.scalar_type(), "the sketch's buffers must be of one dtype");
+      const double values = double(x.size(0) * x.size(2));
+      AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_atoms", [&] {
+        const double* e = out[10].data_ptr<double>();
+        scalar_t* nf = nonfinite.data_ptr<scalar_t>();
+        for (int64_t c = 0; c < x.size(1); ++c) nf[c] += scalar_t(values - e[c]);
+        observe_atoms<scalar_t>(out[10], seen, atom, atom_mass, momentum);
+      });
+    }
+    ctx->save_for_backward({x, weight, out[1], out[2], out[3], out[4], out[5], out[6], out[7]});
+    ctx->mark_non_differentiable({out[8], out[9]});
+    ctx->set_materialize_grads(false);
+    return {out[0], out[8], out[9]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list result(21);
+    if (!grads[0].defined()) return result;
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "the PIT norm's CPU kernel is not twice differentiable: double backward (create_graph=True, e.g. a "
+                "gradient penalty) is not supported; set EXOTICNORM_NO_KERNELS=1 to use the torch-ops path, which is");
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    auto v = ctx->get_saved_variables();
+    auto g = ::backward(grads[0].contiguous(), v[0], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[1]);
+    result[0] = g[0];
+    if (ctx->needs_input_grad(1)) result[1] = g[1];
+    if (ctx->needs_input_grad(2)) result[2] = g[2];
+    return result;
+  }
+};
+
+}  // namespace
+
+// The single-process training step: y, and without gradient (regrid, std) for the caller to move the
+// grids; the sketch (cdf, weight, mean, var, ready as in forward; nonfinite, atom, atom_mass when
+// observe) updated in place. Differentiable in x, gamma and beta (the tables are constants).
+std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor center,
+                                torch::Tensor scale, torch::Tensor cdf, torch::Tensor seen, torch::Tensor mean,
+                                torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom,
+                                torch::Tensor atom_mass, int64_t K, bool normal, double tail, double smoothing,
+                                double momentum, double shift, bool observe, bool do_follow) {
+  return PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
+                                atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &forward, "PIT: counts, tables, sketch update and transform in one call");
+  m.def("step", &step, "PIT: the single-process training step, an autograd Function");
   m.def("histogram", &histogram, "PIT: bin counts, bin bottoms, ties at the bottom, moments");
   m.def("tables", &tables, "PIT: per-bin tables from counts and ties, observing the batch into the sketch");
   m.def("follow", &follow, "QuantileSketch: running moments and which grids move");
