@@ -1,24 +1,27 @@
-"""Batch whitening with its big-tensor passes fused in C++ (``csrc/whiten_cpu.cpp``).
+"""Batch whitening on the CPU in C++ (``csrc/whiten_cpu.cpp``): two routes.
 
-The same map and gradient as ``whitening.WhitenBatch``, y = A (x − μ) + b with A = γ ∘ W(Σ),
-b = β, for CPU input with spatial dims in float32/float64, from four passes over the data:
+``zca_step`` (where ``zca_plan`` says so: transform "zca" by eigh, W sparsified or not as
+SparseZCANorm's "whitening" mode) is the whole training step as a C++ autograd Function: one
+call forward, one backward, no Python between, the c×c map included (in double up to 32
+channels per group). Spatial input goes through the four passes below; (N, C) input through
+BLAS, Ledoit–Wolf's ρ included.
+
+``FusedWhitenBatch`` (the other transforms, Newton–Schulz, thresholded covariances) runs the
+same four passes with the c×c map as torch ops differentiated by autograd, as
+``whitening.WhitenBatch``. The passes, for y = A (x − μ) + b with A = γ ∘ W(Σ), b = β:
 
 - forward: the shifted sums Σ(x − s) and Σ(x − s)(x − s)ᵀ per group in one pass (s: the first
   sample's per-channel mean, so the sums neither overflow nor cancel; double accumulators),
   then y = A (x − μ) + b in one pass. Nothing of the input's size is stored but x itself
   (WhitenBatch keeps the centred copy).
-- backward: ḡ_b = Σ ḡ_y and ḡ_A = Σ ḡ_y (x − μ)ᵀ in one pass, the small map's
-  gradient by autograd as in WhitenBatch, then ḡ_x = Aᵀ ḡ_y + S (x − μ) + v in one pass,
-  with S = (ḡ_Σ + ḡ_Σᵀ)/M and v = −Aᵀ ḡ_b / M. Values are centred in chunks before they are
-  multiplied, so inputs far from zero lose no more than in WhitenBatch.
+- backward: ḡ_b = Σ ḡ_y and ḡ_A = Σ ḡ_y (x − μ)ᵀ in one pass, the map's gradient, then
+  ḡ_x = Aᵀ ḡ_y + S (x − μ) + v in one pass, with S = (ḡ_Σ + ḡ_Σᵀ)/M and v = −Aᵀ ḡ_b / M.
+  Values are centred before they are multiplied, so inputs far from zero lose no more than in
+  WhitenBatch.
 
-``supported`` says when it applies: a shrinkage that does not need the centred samples
-(Ledoit–Wolf's does), groups that divide C, no process group (the synced path sums moments
-across ranks first).
-
-``zca_step`` is plain ZCA's whole training step (W = Σ_reg^(-1/2) by eigh, no sparsification) in
-one C++ call forward and one backward, the small c×c map included (``zca_plan`` says when):
-for spatial input the passes above, for (N, C) input BLAS; Ledoit–Wolf's ρ too for (N, C).
+``supported`` says when the passes apply: spatial input in float32/float64 with 8+ positions, a
+shrinkage that does not need the centred samples (Ledoit–Wolf's does), groups that divide C, no
+process group (the synced path sums moments across ranks first).
 """
 
 from __future__ import annotations
