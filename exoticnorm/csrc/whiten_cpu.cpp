@@ -377,9 +377,9 @@ torch::Tensor grad_input(torch::Tensor gy, torch::Tensor x, torch::Tensor p, tor
   return gx;
 }
 
-// ---- ZCA whitening's training step in one call each way (plain ZCA: W = Sigma_reg^(-1/2) by eigh,
-// no sparsification), so that a layer-step costs one Python call forward and one backward instead
-// of ~100 small torch ops and an autograd graph. The small c x c map:
+// ---- ZCA whitening's training step in one call each way (W = Sigma_reg^(-1/2) by eigh), so that a
+// layer-step costs one call forward and one backward (an autograd Function, below) instead of ~100
+// small torch ops and an autograd graph. The small c x c map:
 //
 //   Sigma_reg = (1 - rho) Sigma + (rho m + eps) I, m = tr(Sigma)/c; Sigma_reg = U diag(s^2) U^T
 //   (s^2 floored at lambda_max * eps_T as in whitening.py); W = U diag(1/s) U^T; A = gamma o W (row i
