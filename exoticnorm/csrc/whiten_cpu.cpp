@@ -495,9 +495,22 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
     for (int64_t i = 0; i < c * c; ++i) r[i] = S(double(r[i]) * (1 - p));
     for (int64_t i = 0; i < c; ++i) r[i * c + i] += S(p * m + eps);
   }
-  auto eig = at::linalg_eigh(reg);
-  auto s = std::get<0>(eig).contiguous();
-  auto u = std::get<1>(eig).contiguous();
+  torch::Tensor s, u;
+  if (G == 1) {
+    auto eig = at::linalg_eigh(reg);
+    s = std::get<0>(eig).contiguous();
+    u = std::get<1>(eig).contiguous();
+  } else {  // one LAPACK call per group either way (a batched eigh loops): spread them over the threads
+    s = at::empty({G, c}, reg.options());
+    u = at::empty({G, c, c}, reg.options());
+    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        auto eig = at::linalg_eigh(reg[g]);
+        s[g].copy_(std::get<0>(eig));
+        u[g].copy_(std::get<1>(eig));
+      }
+    });
+  }
   at::TensorOptions topt = cov.options().dtype(dtype_of<T>());
   auto w = at::empty({G, c, c}, topt);
   auto a = weight ? at::empty({G, c, c}, topt) : w;
