@@ -221,6 +221,22 @@ torch::Tensor all_block_sums(const torch::Tensor& a, const torch::Tensor& b, con
 // [0, len): M1, M2 (row stride c), v and out start at the tile's first row, U and Wx at the block's
 // (rows S apart). Values are centred before they are multiplied (inputs far from zero lose nothing
 // to cancellation); 2 vectors of positions x R rows of sums stay in registers. M2, Wx optional.
+// acc[r] += sum_j M_rj (x_j[s, s + 2L) - mu_j) for R rows of M (row stride c), rows x_j S apart.
+template <typename T, int R>
+inline void add_products(Vec<T> (&acc)[R][2], const T* M, const T* X, const T* mu, int64_t c, int64_t S, int64_t s) {
+  constexpr int L = kLanes<T>;
+  for (int64_t j = 0; j < c; ++j) {
+    const T m = mu ? mu[j] : T(0);
+    const Vec<T> x0 = load(X + j * S + s) - m, x1 = load(X + j * S + s + L) - m;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const T k = M[r * c + j];
+      acc[r][0] += k * x0;
+      acc[r][1] += k * x1;
+    }
+  }
+}
+
 template <typename T, int R>
 inline void tile_affine(const T* M1, const T* U, const T* mu, const T* M2, const T* Wx, const T* mw, const T* v,
                         int64_t c, int64_t S, int64_t len, T* out) {
@@ -230,27 +246,8 @@ inline void tile_affine(const T* M1, const T* U, const T* mu, const T* M2, const
     Vec<T> acc[R][2];
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Vec<T>{} + v[r];
-    for (int64_t j = 0; j < c; ++j) {
-      const T m = mu ? mu[j] : T(0);
-      const Vec<T> x0 = load(U + j * S + s) - m, x1 = load(U + j * S + s + L) - m;
-#pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) {
-        const T k = M1[r * c + j];
-        acc[r][0] += k * x0;
-        acc[r][1] += k * x1;
-      }
-    }
-    if (M2)
-      for (int64_t j = 0; j < c; ++j) {
-        const T m = mw ? mw[j] : T(0);
-        const Vec<T> x0 = load(Wx + j * S + s) - m, x1 = load(Wx + j * S + s + L) - m;
-#pragma GCC unroll 4
-        for (int r = 0; r < R; ++r) {
-          const T k = M2[r * c + j];
-          acc[r][0] += k * x0;
-          acc[r][1] += k * x1;
-        }
-      }
+    add_products<T, R>(acc, M1, U, mu, c, S, s);
+    if (M2) add_products<T, R>(acc, M2, Wx, mw, c, S, s);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       std::memcpy(out + r * S + s, &acc[r][0], sizeof(Vec<T>));
