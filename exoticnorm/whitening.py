@@ -290,7 +290,8 @@ def whiten_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_si
                  spec: WhiteningSpec) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Whiten x (N, C, *s) with its own statistics, per group of ``group_size`` channels:
     returns y (a new tensor shaped like x) and, without gradient, the mean (G, c), the biased
-    covariance (G, c, c), W (G, c, c) and the shrinkage ρ (G,). On the CPU the big-tensor
+    covariance (G, c, c), W (G, c, c) and the shrinkage ρ (G,). On the CPU, ZCA by eigh is one
+    C++ autograd Function (``whitening_kernel.zca_step``), and the other transforms' big-tensor
     passes run fused in C++ where ``whitening_kernel.supported`` says so."""
     from . import whitening_kernel as K  # imports this module
 

@@ -205,7 +205,7 @@ class _Whitening(GroupedStatsNorm):
     def _cast_affine(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
         return tuple(None if p is None else p.to(x.dtype) for p in (self.weight, self.bias))
 
-    @torch.compiler.disable  # a custom Function with a small autograd graph inside: eager only
+    @torch.compiler.disable  # custom autograd Functions (C++, or with a small graph inside): eager only
     def _train_forward(self, x: Tensor) -> Tensor:
         weight, bias = self._cast_affine(x)
         shift = None
