@@ -500,7 +500,9 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
   } else {  // one LAPACK call per group either way (a batched eigh loops): spread them over the threads
     s = at::empty({G, c}, reg.options());
     u = at::empty({G, c, c}, reg.options());
+    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers take it over
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+      c10::InferenceMode same_mode(inference);
       for (int64_t g = begin; g < end; ++g) {
         auto eig = at::linalg_eigh(reg[g]);
         s[g].copy_(std::get<0>(eig));
