@@ -345,8 +345,10 @@ def _eigh_parts(cov: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _inv_sqrt_from(u: Tensor, s: Tensor) -> Tensor:
-    """U diag(1/s) Uᵀ."""
-    return (u / s.unsqueeze(-2)) @ u.mT
+    """U diag(1/s) Uᵀ, exactly symmetric (so sparsification keeps mirrored entries in pairs, as the
+    C++ step does)."""
+    w = (u / s.unsqueeze(-2)) @ u.mT
+    return (w + w.mT) / 2
 
 
 class _InvSqrtEigh(torch.autograd.Function):

@@ -111,7 +111,7 @@ def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
 def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
     """ρ as ``zca_step`` takes it: the fixed fraction, or −1 for Ledoit–Wolf's estimate."""
     count = x.numel() // x.shape[1]
-    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * min(group_size, x.shape[1])):
+    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * group_size):
         return -1.0
     return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
 
@@ -122,5 +122,4 @@ def zca_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: 
     ``whitening.sparsify``) by a C++ autograd Function: one call forward, one backward, no Python
     between (``zca_step`` in csrc/whiten_cpu.cpp, whose comments state the math). ``shrink``: ρ, or
     −1 for Ledoit–Wolf's ((N, C) input only); ``flat``: (N, C) input. Not twice differentiable."""
-    c = min(group_size, x.shape[1])
-    return tuple(whiten_cpu().zca_step(x, weight, bias, c, eps, shrink, flat, density))
+    return tuple(whiten_cpu().zca_step(x, weight, bias, group_size, eps, shrink, flat, density))

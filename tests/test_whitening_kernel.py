@@ -127,7 +127,8 @@ def test_zca_step_equals_torch_ops_in_float64(shape, c, shrinkage, plan):
                                    msg=lambda m: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("shape,c,shrinkage,plan", [STEP_CASES[0], STEP_CASES[2], STEP_CASES[4], STEP_CASES[6]])
+@pytest.mark.parametrize("shape,c,shrinkage,plan", [STEP_CASES[0], STEP_CASES[2], STEP_CASES[4], STEP_CASES[6],
+                                                     ((2, 6, 9), 3, 0.0, "spatial"), ((40, 7), 7, 0.0, "flat")])
 @pytest.mark.parametrize("density", [0.0, 0.3, 0.5])
 def test_sparse_zca_step_equals_torch_ops_in_float64(shape, c, shrinkage, plan, density):
     """SparseZCANorm's W (sparsify="whitening"): the kept entries, the row rescaling and the
@@ -136,6 +137,8 @@ def test_sparse_zca_step_equals_torch_ops_in_float64(shape, c, shrinkage, plan, 
     for key, ref in out["torch"].items():
         torch.testing.assert_close(out["step"][key].reshape(ref.shape), ref, rtol=1e-9, atol=1e-10,
                                    msg=lambda m: f"{key}: {m}")
+    kept = out["step"]["w"] != 0  # W is symmetric: an odd k keeps the tied mirror entry too, on both paths
+    assert torch.equal(kept, kept.mT)
 
 
 @pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])

@@ -10,6 +10,7 @@
 //   grad_input(gy, x, P, Q, m, v) -> gx = P gy + Q (x - m) + v per group
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <array>
@@ -136,7 +137,7 @@ torch::Tensor all_block_sums(const torch::Tensor& a, const torch::Tensor& b, con
   constexpr int L = kLanes<T>;
   constexpr int RI = 4, RJ = 2;
   const int64_t N = a.size(0), C = a.size(1), G = C / c, S = a.size(2);
-  const int64_t chunk = std::max<int64_t>(L, (4096 / c) / L * L);  // positions per chunk: ~16 KB of rows
+  const int64_t chunk = std::max<int64_t>(L, (4096 / c) / L * L);  // positions per chunk: c rows of ~4096 values
   std::vector<std::array<int64_t, 4>> tiles;  // i0, j0, rows of a, rows of b
   for (int64_t i0 = 0; i0 < c; i0 += RI)
     for (int64_t j0 = 0; j0 < (lower ? std::min(c, i0 + RI) : c); j0 += RJ)
@@ -217,10 +218,6 @@ torch::Tensor all_block_sums(const torch::Tensor& a, const torch::Tensor& b, con
   return total;
 }
 
-// out_r = v_r + sum_j M1_rj (u_j - mu_j) + sum_j M2_rj (w_j - mw_j) for R rows r of one block, positions
-// [0, len): M1, M2 (row stride c), v and out start at the tile's first row, U and Wx at the block's
-// (rows S apart). Values are centred before they are multiplied (inputs far from zero lose nothing
-// to cancellation); 2 vectors of positions x R rows of sums stay in registers. M2, Wx optional.
 // acc[r] += sum_j M_rj (x_j[s, s + 2L) - mu_j) for R rows of M (row stride c), rows x_j S apart.
 template <typename T, int R>
 inline void add_products(Vec<T> (&acc)[R][2], const T* M, const T* X, const T* mu, int64_t c, int64_t S, int64_t s) {
@@ -237,6 +234,10 @@ inline void add_products(Vec<T> (&acc)[R][2], const T* M, const T* X, const T* m
   }
 }
 
+// out_r = v_r + sum_j M1_rj (u_j - mu_j) + sum_j M2_rj (w_j - mw_j) for R rows r of one block, positions
+// [0, len): M1, M2 (row stride c), v and out start at the tile's first row, U and Wx at the block's
+// (rows S apart). Values are centred before they are multiplied (inputs far from zero lose nothing
+// to cancellation); 2 vectors of positions x R rows of sums stay in registers. M2, Wx optional.
 template <typename T, int R>
 inline void tile_affine(const T* M1, const T* U, const T* mu, const T* M2, const T* Wx, const T* mw, const T* v,
                         int64_t c, int64_t S, int64_t len, T* out) {
@@ -497,17 +498,15 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
     auto eig = at::linalg_eigh(reg);
     s = std::get<0>(eig).contiguous();
     u = std::get<1>(eig).contiguous();
-  } else {  // one LAPACK call per group either way (a batched eigh loops): spread them over the threads
+  } else {  // the groups' decompositions spread over the threads
     s = at::empty({G, c}, reg.options());
     u = at::empty({G, c, c}, reg.options());
-    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: the workers take it over
+    const at::ThreadLocalState state;  // inference mode, grad mode, dispatch keys: the workers take them over
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode same_mode(inference);
-      for (int64_t g = begin; g < end; ++g) {
-        auto eig = at::linalg_eigh(reg[g]);
-        s[g].copy_(std::get<0>(eig));
-        u[g].copy_(std::get<1>(eig));
-      }
+      at::ThreadLocalStateGuard same_state(state);
+      auto eig = at::linalg_eigh(reg.slice(0, begin, end));  // one batched call per thread
+      s.slice(0, begin, end).copy_(std::get<0>(eig));
+      u.slice(0, begin, end).copy_(std::get<1>(eig));
     });
   }
   at::TensorOptions topt = cov.options().dtype(dtype_of<T>());
@@ -871,6 +870,10 @@ class ZCAStepFunction : public torch::autograd::Function<ZCAStepFunction> {
 // (or Ledoit-Wolf's when shrink < 0, flat only); differentiable in x, gamma and beta.
 std::vector<torch::Tensor> zca_step(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
                                     double shrink, bool flat, double density) {
+  TORCH_CHECK(x.dim() >= 2 && c >= 1, "x must be (N, C, ...) and the group size positive");
+  for (const auto* p : {&weight, &bias})
+    TORCH_CHECK(!p->has_value() || !(*p)->defined() || (*p)->numel() == x.size(1), "gamma and beta must have C = ",
+                x.size(1), " entries");
   return ZCAStepFunction::apply(x, weight, bias, c, eps, shrink, flat, density);
 }
 
