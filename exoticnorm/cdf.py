@@ -147,10 +147,15 @@ def eval_cdf(f: Tensor, t: Tensor, seen: Tensor, bins: int) -> Tensor:
     return ((1.0 - 2.0 * eps) * f + (2.0 * eps / bins) * t).clamp(1e-12, 1.0 - 1e-12)
 
 
-class _KernelTransform(torch.autograd.Function):
-    """Shared backward of the CPU kernel's transform: the tables are constants (as the bin
-    counts are), so the gradient is the transform's local slope. Once differentiable: a double
-    backward raises."""
+class TableTransform(torch.autograd.Function):
+    """y from tables already built (the distributed path: counts summed over ranks first). The
+    tables are constants (as the bin counts are), so the gradient is the transform's local
+    slope. Once differentiable: a double backward raises."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, center, scale, lo, span, tie, atom, slope):
+        ctx.save_for_backward(x3, weight, center, scale, lo, span, tie, atom, slope)
+        return pit_cpu().apply(x3, center, scale, lo, span, tie, atom, slope, weight, bias)
 
     @staticmethod
     def backward(ctx, gy: Tensor, *_):
@@ -158,14 +163,4 @@ class _KernelTransform(torch.autograd.Function):
                                "set EXOTICNORM_NO_KERNELS=1 to use the torch-ops path, which is")
         x3, weight, *tables = ctx.saved_tensors
         gx, gw, gb = pit_cpu().backward(gy.contiguous(), x3, *tables, weight)
-        return gx, gw, gb, *[None] * ctx.extra
-
-
-class TableTransform(_KernelTransform):
-    """y from tables already built (the distributed path: counts summed over ranks first)."""
-
-    @staticmethod
-    def forward(ctx, x3, weight, bias, center, scale, lo, span, tie, atom, slope):
-        ctx.save_for_backward(x3, weight, center, scale, lo, span, tie, atom, slope)
-        ctx.extra = 7
-        return pit_cpu().apply(x3, center, scale, lo, span, tie, atom, slope, weight, bias)
+        return gx, gw, gb, *[None] * 7

@@ -40,6 +40,7 @@ __all__ = [
     "block_matmul",
     "group_moments",
     "WhiteningSpec",
+    "uses_ledoit_wolf",
     "shrinkage_intensity",
     "whitening_matrix",
     "affine_map",
@@ -132,13 +133,18 @@ class WhiteningSpec:
     transform: str = "zca"
 
 
+def uses_ledoit_wolf(spec: WhiteningSpec, count: float, group_size: int) -> bool:
+    """Whether ρ is Ledoit–Wolf's: ``spec.shrinkage`` "lw", or "auto" with fewer than 4c samples."""
+    return spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * group_size)
+
+
 def shrinkage_intensity(cov: Tensor, xc: Tensor, spec: WhiteningSpec, count: float | None = None,
                         differentiable: bool = False) -> Tensor | float:
     """ρ for a batch: Ledoit–Wolf's when ``spec.shrinkage`` is "lw", or "auto" with fewer than
     4c samples (``count``, default the samples of ``xc``); else the fixed fraction (0 for
     "auto"). Without gradient unless ``differentiable``."""
     count = sample_count(xc) if count is None else count
-    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * cov.shape[-1]):
+    if uses_ledoit_wolf(spec, count, cov.shape[-1]):
         return ledoit_wolf_intensity(xc, cov, differentiable)
     return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
 

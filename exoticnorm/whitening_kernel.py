@@ -43,7 +43,7 @@ def supported(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> bool:
     if x.shape[1] % group_size or x.shape[0] == 0 or x.numel() < 8 * x.shape[0] * x.shape[1]:
         return False  # padding, empty, or few positions (fc-like: BLAS does better)
     count = x.numel() // x.shape[1]
-    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * group_size):
+    if W.uses_ledoit_wolf(spec, count, group_size):
         return False  # Ledoit–Wolf needs the centred samples
     return whiten_cpu() is not None
 
@@ -111,7 +111,7 @@ def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
 def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
     """ρ as ``zca_step`` takes it: the fixed fraction, or −1 for Ledoit–Wolf's estimate."""
     count = x.numel() // x.shape[1]
-    if spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * group_size):
+    if W.uses_ledoit_wolf(spec, count, group_size):
         return -1.0
     return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
 
