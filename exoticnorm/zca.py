@@ -45,7 +45,7 @@ def synced_moments(xv: Tensor, shift: Tensor, process_group: Any) -> tuple[Tenso
     total, scatter = W.group_moments(xv, shift)
     count = xv.new_full((1,), float(W.sample_count(xv)))
     packed = all_reduce(torch.cat([total.flatten(), scatter.flatten(), count]), group=process_group)
-    count = packed[-1]
+    count = packed[-1].detach()  # a constant: no gradient flows through it
     mean_s = packed[: g * c].view(g, c) / count
     cov = packed[g * c : -1].view(g, c, c) / count - mean_s.unsqueeze(-1) * mean_s.unsqueeze(-2)
     return shift + mean_s, cov, count

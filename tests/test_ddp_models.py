@@ -57,14 +57,16 @@ PER_SAMPLE_SPATIAL = {"in"}  # rejects the 1×1 maps resnet18 reaches at 32 px
 FAST = ("bn", "zca")  # the default suite: one spawn for both
 RTOL, ATOL = 1e-7, 1e-9
 # sparse-zca keeps the largest entries of W: a selection, discontinuous in Σ, so a roundoff-level
-# difference can swap an entry at the threshold. Measured in one process: inputs scaled by
-# (1 + 1e-14) move its 3rd-step loss by 2.5e-6 relative and its parameters by up to 1.1e-4
-# (1.2e-6 of the whole 3-step update; zca's loss does not move in 12 digits). For such norms the
-# losses are compared to rtol 1e-4, the parameters as one vector to 1e-4 of the update
-# ‖Δ_2ranks − Δ_1process‖ ≤ 1e-4 ‖Δ_1process‖, and the buffers as one vector to 1e-4 of their
-# norm. Unsynced statistics (8 samples instead of 16; Ledoit-Wolf's approximated ρ moved the 3rd
-# loss by 66%) are orders of magnitude beyond that.
-LOOSE = {"sparse-zca": 1e-4}
+# difference can swap an entry at the threshold, and the swap grows over the steps. Measured in one
+# process on the torch-ops path the ranks take (tests' data, 3 steps): inputs scaled by (1 + k·1e-14),
+# k = 1..3, move the 3rd-step loss by up to 4.3e-4 relative, the parameters by 1.5e-4 of the whole
+# 3-step update and the buffers by 5.7e-8 of their norm; the C++ step against the torch-ops path moves
+# the 3rd loss by 2.2e-5 (zca's loss does not move in 12 digits). For such norms the losses are
+# compared to rtol 5e-3, the parameters as one vector ‖Δ_2ranks − Δ_1process‖ ≤ 5e-3 ‖Δ_1process‖,
+# and the buffers as one vector to 5e-3 of their norm: about 10x the roundoff spread. Unsynced
+# statistics (8 samples instead of 16; Ledoit-Wolf's approximated ρ moved the 3rd loss by 66%) are
+# still two orders of magnitude beyond that.
+LOOSE = {"sparse-zca": 5e-3}
 # pit's training forward is exact per bin: where a channel has far fewer values than bins (16
 # values on 500 bins in layer4 here) each value has a bin of its own and the map's local slope
 # is ~K/n times the ideal one, so a perturbation grows ~10-100x per layer. Measured in one

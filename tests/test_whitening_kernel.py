@@ -1,6 +1,9 @@
 """The fused CPU whitening passes (exoticnorm/whitening_kernel.py) against WhitenBatch (torch ops)
 and float64 finite differences."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -198,3 +201,29 @@ def test_zca_step_plan():
     assert step_shrinkage(torch.empty(8, 6), 6, spec) == -1.0     # 8 < 4·6: Ledoit–Wolf
     assert step_shrinkage(torch.empty(30, 6), 6, spec) == 0.0
     assert step_shrinkage(torch.empty(30, 6), 6, W.WhiteningSpec(shrinkage=0.3)) == 0.3
+
+
+CHECKPOINTED = """
+import torch, exoticnorm as en
+from torch.utils.checkpoint import checkpoint
+torch.set_num_threads(2)  # the deadlock needs a second thread: per-group eigh workers
+for norm in (en.BlockZCANorm(16, group_size=4), en.ZCANorm(16), en.SparseZCANorm(16), en.PITNorm(16)):
+    norm = norm.double()
+    x = torch.randn(8, 16, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for wrap in (lambda f, t: f(t), lambda f, t: checkpoint(f, t, use_reentrant=False)):
+        xs = x.clone().requires_grad_()
+        wrap(norm, xs).square().sum().backward()
+        grads.append(xs.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
+print("ok")
+"""
+
+
+def test_steps_under_checkpoint_finish_and_match(tmp_path):
+    """Regression: with torch.utils.checkpoint (Python saved-tensor hooks) the per-group eigh workers
+    copied the caller's thread-local state, whose Python objects need the GIL the waiting caller held:
+    densenet121 (memory_efficient) with block-zca hung. Run in a child with a deadline so a deadlock
+    fails here instead of hanging the suite; the checkpointed gradient equals the plain one."""
+    out = subprocess.run([sys.executable, "-c", CHECKPOINTED], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -769,10 +769,18 @@ std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("step", &step, "PIT: the single-process training step, an autograd Function");
-  m.def("histogram", &histogram, "PIT: bin counts, bin bottoms, ties at the bottom, moments");
-  m.def("tables", &tables, "PIT: per-bin tables from counts and ties, observing the batch into the sketch");
-  m.def("follow", &follow, "QuantileSketch: running moments and which grids move");
-  m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine");
-  m.def("backward", &backward, "PIT: gradients of x, weight and bias");
+  // The GIL is released as in torch's own bindings: Python threads run meanwhile, and Python hooks
+  // reached from inside (saved tensor hooks) take it themselves.
+  m.def("step", &step, "PIT: the single-process training step, an autograd Function",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("histogram", &histogram, "PIT: bin counts, bin bottoms, ties at the bottom, moments",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("tables", &tables, "PIT: per-bin tables from counts and ties, observing the batch into the sketch",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("follow", &follow, "QuantileSketch: running moments and which grids move",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "PIT: gradients of x, weight and bias",
+        py::call_guard<py::gil_scoped_release>());
 }

@@ -10,7 +10,6 @@
 //   grad_input(gy, x, P, Q, m, v) -> gx = P gy + Q (x - m) + v per group
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <array>
@@ -501,9 +500,12 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
   } else {  // the groups' decompositions spread over the threads
     s = at::empty({G, c}, reg.options());
     u = at::empty({G, c, c}, reg.options());
-    const at::ThreadLocalState state;  // inference mode, grad mode, dispatch keys: the workers take them over
+    // The workers run in inference mode: nothing here is recorded by autograd (this Function owns the
+    // gradient), and writes into the caller's buffers are allowed whether or not the caller is in
+    // inference mode. Not the caller's whole thread-local state: that can hold Python objects (saved
+    // tensor hooks of torch.utils.checkpoint) whose copy takes the GIL, held by the waiting caller.
     at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-      at::ThreadLocalStateGuard same_state(state);
+      c10::InferenceMode no_autograd;
       auto eig = at::linalg_eigh(reg.slice(0, begin, end));  // one batched call per thread
       s.slice(0, begin, end).copy_(std::get<0>(eig));
       u.slice(0, begin, end).copy_(std::get<1>(eig));
@@ -878,9 +880,16 @@ std::vector<torch::Tensor> zca_step(torch::Tensor x, OptTensor weight, OptTensor
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("moments", &moments, "whitening: shifted sums and scatter per channel group");
-  m.def("affine", &affine, "whitening: y = A (x - mean) + b per channel group");
-  m.def("grad_moments", &grad_moments, "whitening backward: sums of gy and gy (x - mean)^T per group");
-  m.def("grad_input", &grad_input, "whitening backward: gx = P gy + Q (x - mean) + v per group");
-  m.def("zca_step", &zca_step, "ZCA's training step, an autograd Function");
+  // The GIL is released as in torch's own bindings: Python threads run meanwhile, and Python hooks
+  // reached from inside (saved tensor hooks) take it themselves.
+  m.def("moments", &moments, "whitening: shifted sums and scatter per channel group",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("affine", &affine, "whitening: y = A (x - mean) + b per channel group",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("grad_moments", &grad_moments, "whitening backward: sums of gy and gy (x - mean)^T per group",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("grad_input", &grad_input, "whitening backward: gx = P gy + Q (x - mean) + v per group",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("zca_step", &zca_step, "ZCA's training step, an autograd Function",
+        py::call_guard<py::gil_scoped_release>());
 }
