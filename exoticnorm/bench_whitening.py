@@ -128,8 +128,11 @@ def variants(channels: int, group: int, iternorm: str | None = None) -> dict[str
 
 
 def _time(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     layer(x).backward(g)
+    sync()
     return time.perf_counter() - t0
 
 
@@ -141,10 +144,13 @@ def run_whitening_bench(
     repeats: int = 5,
     lenet_steps: int = 0,
     echo: Callable[[str], None] = print,
+    device: torch.device | str = "cpu",
 ) -> list[dict]:
-    """Print the table (module docstring) and return its rows as dicts."""
+    """Print the table (module docstring) and return its rows as dicts; the whitening table on
+    ``device`` (errors in float64 on the host)."""
     torch.set_flush_denormal(True)
-    echo(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ms = median fwd+bwd of "
+    device = torch.device(device)
+    echo(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; ms = median fwd+bwd of "
          f"{repeats} interleaved runs; err = max|Cov(y) − I|, block/off = within/between blocks "
          f"of {group} channels, circ = err on circulant-covariance data")
     echo(f"{'C':>5} {'N×H×W':>8} {'variant':<26} | {'ms':>8} {'×zca':>6} | {'err':>8} {'block':>8} "
@@ -152,15 +158,15 @@ def run_whitening_bench(
     rows = []
     for c in channels:
         for n, h, w in shapes:
-            x = correlated_input(n, c, h, w).requires_grad_()
-            xcirc = circulant_input(n, c, h, w, seed=1)
+            x = correlated_input(n, c, h, w).to(device).requires_grad_()
+            xcirc = circulant_input(n, c, h, w, seed=1).to(device)
             g = torch.randn_like(x)
             factories = variants(c, min(group, c), iternorm)
-            layers = {k: f() for k, f in factories.items()}
+            layers = {k: f().to(device) for k, f in factories.items()}
             errors = {}
             for k, m in layers.items():
-                errors[k] = whitening_errors(m(x), min(group, c))
-                errors[k]["circ"] = whitening_errors(factories[k]()(xcirc), c)["err"]
+                errors[k] = whitening_errors(m(x).cpu(), min(group, c))
+                errors[k]["circ"] = whitening_errors(factories[k]().to(device)(xcirc).cpu(), c)["err"]
             times = {k: [] for k in layers}
             for _ in range(repeats + 2):
                 for k, m in layers.items():

@@ -231,14 +231,21 @@ def bench(names, repeats, train_steps, device, json_out) -> None:
 @click.option("--repeats", default=5, show_default=True)
 @click.option("--lenet-steps", default=0, show_default=True,
               help="Also measure on activations of a BN-LeNet trained this many steps (0 = skip).")
+@click.option("--device", default="cpu", show_default=True,
+              help="cpu, cuda, cuda:N or auto for the whitening table (the LeNet table stays on the CPU).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results here.")
-def bench_whitening(iternorm, channels, group, repeats, lenet_steps, json_out) -> None:
+def bench_whitening(iternorm, channels, group, repeats, lenet_steps, device, json_out) -> None:
     """Every whitening variant (and IterNorm): time and whitening error, one table."""
     from .bench_whitening import run_whitening_bench
+    from .train import pick_device
 
+    try:
+        dev = pick_device(device)
+    except RunError as exc:
+        raise click.UsageError(str(exc)) from exc
     rows = run_whitening_bench(tuple(int(c) for c in channels.split(",")), group=group,
                                iternorm=iternorm, repeats=repeats, lenet_steps=lenet_steps,
-                               echo=click.echo)
+                               echo=click.echo, device=dev)
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=2) + "\n")
 

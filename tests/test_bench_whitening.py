@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -63,3 +64,10 @@ def test_errors_split_into_blocks_and_between():
     c = circulant_input(500, 8, 4, 4)
     cov = torch.cov(c.transpose(0, 1).reshape(8, -1).double())
     assert abs(cov[0, 1] - cov[3, 4]) < 0.05 and abs(cov[0, 7] - cov[0, 1]) < 0.05  # wrapped, stationary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
+def test_device_without_cuda_is_a_clear_error():
+    result = CliRunner().invoke(main, ["bench-whitening", "--channels", "8", "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "--device cuda was asked for but CUDA is not available" in result.output

@@ -17,7 +17,8 @@ def test_gpu_script_runs_on_cpu(tmp_path, fake_data):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert [s["step"] for s in results["steps"]] == ["bench", "bench-whitening", "study bn", "study zca", "study pit"]
+    assert [s["step"] for s in results["steps"]] == ["eigh options", "bench", "study bn", "study zca", "study pit",
+                                                     "bench-whitening"]
     assert all(s["rc"] == 0 for s in results["steps"]), results["steps"]
     for norm in ("bn", "zca", "pit"):
         summary = results["studies"][norm]
@@ -25,5 +26,7 @@ def test_gpu_script_runs_on_cpu(tmp_path, fake_data):
     bench = json.loads((out / "bench.json").read_text())
     assert set(bench["norms"]) == {"bn", "zca", "pit"}
     assert all(r["lenet_speed_ratio"] > 0 for r in bench["norms"].values())
+    eigh = json.loads((out / "eigh-options.json").read_text())["rows"]
+    assert all(r["device_err"] < 0.1 for r in eigh), eigh  # exact eigh whitens (float32, c ≤ 512)
     md = (out / "results.md").read_text()
-    assert "| zca |" in md and "| study pit | 0 |" in md
+    assert "| zca |" in md and "| study pit | 0 |" in md and "| 1 | 120 |" in md
