@@ -355,12 +355,10 @@ def eigh_on_host(cov: Tensor) -> bool:
     Measured on an H200 (README: "GPU"): alone, the host round trip is faster for one matrix of
     any size up to 512 and slower for 16+ groups of 16, but a ZCA-LeNet trains 1.7x faster with
     every eigh on the device, so "auto" is the device. Both routes are exact to rounding."""
-    if cov.device.type != "cuda":
-        return False
     route = os.environ.get("EXOTICNORM_CUDA_EIGH", "auto")
-    if route not in EIGH_ROUTES:
+    if route not in EIGH_ROUTES:  # checked on every device: a typo shows before the run reaches a GPU
         raise ValueError(f"EXOTICNORM_CUDA_EIGH={route!r}: use one of {', '.join(EIGH_ROUTES)}")
-    return route == "host"
+    return route == "host" and cov.device.type == "cuda"
 
 
 def eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
@@ -434,9 +432,9 @@ def inv_sqrt_newton(cov: Tensor, iterations: int = 5) -> Tensor:
 
 def inverse_sqrt(cov: Tensor, method: str = "auto", iterations: int = 5) -> Tensor:
     """Σ^(-1/2) by ``method``: eigh (and "auto", which is eigh: exact everywhere), or newton
-    (on an H200 cheaper than eigh from c = 32 up, but it does not whiten: README, "GPU"). A failing eigh is
-    retried with jitter, then replaced by Newton–Schulz, with a warning: training never stops
-    on it."""
+    (on an H200 cheaper than eigh from c = 32 up, but it does not whiten: README, "GPU"). A
+    failing eigh is retried with jitter, then replaced by Newton–Schulz, with a warning:
+    training never stops on it."""
     if method == "newton":
         return inv_sqrt_newton(cov, iterations)
     if method not in ("eigh", "auto"):

@@ -268,3 +268,17 @@ def test_gradient_penalty_through_zca_raises_instead_of_a_wrong_answer():
     x = torch.randn(32, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="not twice differentiable"):
         torch.autograd.grad(model(x).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("route", ["auto", "device", "host"])
+def test_cuda_eigh_route_is_checked_everywhere_and_only_moves_cuda_work(route, monkeypatch):
+    """EXOTICNORM_CUDA_EIGH (tests/test_cuda.py checks both routes on a GPU): on the CPU every route
+    is torch's eigh; a misspelt route is a clear error on any device."""
+    monkeypatch.setenv("EXOTICNORM_CUDA_EIGH", route)
+    cov = torch.eye(3, dtype=torch.float64)[None] * torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64)
+    assert not W.eigh_on_host(cov)
+    lam, u = W.eigh(cov)
+    torch.testing.assert_close(lam, torch.tensor([[1.0, 4.0, 9.0]], dtype=torch.float64))
+    monkeypatch.setenv("EXOTICNORM_CUDA_EIGH", "gpu")
+    with pytest.raises(ValueError, match="EXOTICNORM_CUDA_EIGH='gpu': use one of auto, device, host"):
+        W.eigh(cov)
