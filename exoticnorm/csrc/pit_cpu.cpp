@@ -227,9 +227,9 @@ struct Output {
 // ties), linear in t in between. The slope is that of the same construction with knots only at
 // every r-th edge (r = out.coarsening(n, K)) and at tied bins: a histogram density over pieces
 // of about `smoothing` values, bounded however few values the channel has (r = 1: the exact
-// derivative).
+// derivative). Returns the channel's count n (the sum of cnt).
 template <typename T, typename Count>
-void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double local_n, int64_t K, const Output& out,
+double channel_tables(const Count* cnt, const Count* ties, const T* bottom, double local_n, int64_t K, const Output& out,
                     std::vector<double>& edge_out, T* lo, T* span, T* tie, T* atom, T* slope) {
   // Counts are whole numbers (integers, or float64 sums of them over ranks): integer sums are exact
   // and, unlike a chain of double additions, do not wait 4 cycles per bin.
@@ -272,7 +272,7 @@ void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double
         const T rise = T((O[q] - O[p]) / double(q - p));
         for (int64_t k = p; k < q; ++k) slope[k] = rise;
       }
-    return;
+    return n;
   }
   for (const int64_t r : {int64_t(1), coarse}) {  // the forward's tables, then the backward's slope
     if (r != 1 && coarse == 1) break;  // the slope is the exact one, written in the first pass
@@ -311,6 +311,7 @@ void channel_tables(const Count* cnt, const Count* ties, const T* bottom, double
       slope[k] = T(rise);
     }
   }
+  return n;
 }
 
 // --- the sketch ---------------------------------------------------------------------------------
@@ -541,10 +542,9 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
       std::vector<double> edge_out;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t o = c * K;
-        channel_tables(cp + o, tp + o, bp + o, lp[c], K, out, edge_out, lop + o, spp + o, tip + o, ap + o, slp + o);
+        const double n =
+            channel_tables(cp + o, tp + o, bp + o, lp[c], K, out, edge_out, lop + o, spp + o, tip + o, ap + o, slp + o);
         if (observe) {
-          double n = 0.0;
-          for (int64_t k = 0; k < K; ++k) n += cp[o + k];
           AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_observe", [&] {
             observe_channel<scalar_t>(sk, c, cp + o, K, n);
           });
