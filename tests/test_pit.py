@@ -116,6 +116,8 @@ def test_fused_kernel_matches_torch_ops(output, shape, threads, monkeypatch):
     xs = [torch.relu(torch.randn(shape, dtype=torch.float64) * (1 + i) + 0.3 + 2 * i) for i in range(3)]
     for x in xs:  # channel 0 without ties (the kernel's two-table loops), the others with
         x[:, 0] = torch.randn_like(x[:, 0]) + 1
+    # non-finite values are left out of the counts (the kernel counts them into bin 0, then takes them back)
+    xs[1].view(xs[1].shape[0], 3, -1)[:3, :2, 0] = torch.tensor([float("nan"), float("-inf"), float("inf")]).unsqueeze(1)
     results = []
     for off in ("0", "1"):
         monkeypatch.setenv("EXOTICNORM_NO_KERNELS", off)
@@ -137,6 +139,33 @@ def test_fused_kernel_matches_torch_ops(output, shape, threads, monkeypatch):
     for step_kernel, step_torch in zip(*results):
         for a, b in zip(step_kernel, step_torch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, equal_nan=True)  # NaN: no atom
+
+
+def test_kernel_step_keeps_g_and_its_derivative_only_when_a_backward_can_follow():
+    """The CPU step saves the transform g and dg/dx for the backward (two tensors of x's size;
+    the backward then reads no tables) and nothing under no_grad, whose output is the same."""
+    from exoticnorm.kernels import pit_cpu
+
+    if pit_cpu() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 5, 5)
+    models = [en.PITNorm(3) for _ in range(2)]
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = models[0](x)
+        with torch.no_grad():
+            y_plain = models[1](x)
+    activation = [s for s in saved if s == (16, 3, 25)]
+    assert len(activation) == 2 and len(saved) == 3, saved  # g, dg/dx and the weight
+    torch.testing.assert_close(y.detach(), y_plain, rtol=0, atol=0)
+    y.backward(torch.ones_like(y))
+    assert models[0].weight.grad is not None and torch.isfinite(models[0].weight.grad).all()
 
 
 @pytest.mark.parametrize("kernels", ["0", "1"])

@@ -114,16 +114,20 @@ struct Counts {
         s2 += double(f2);
         finite += double(nf);
         // counts, and a list of the values at or below their bin's bottom so far: a branch on
-        // that test mispredicts too often (each new minimum), a list costs nothing
+        // that test mispredicts too often (each new minimum), a list costs nothing. Non-finite
+        // values (NaN position, bin 0) are counted too, then taken back from bin 0, and skipped
+        // in the list.
         int64_t nl = 0;
         for (int64_t j = 0; j < len; ++j) {
-          const bool ok = tb[j] == tb[j];
-          ct[ib[j]] += ok;
+          const int32_t k = ib[j];
+          ct[k] += 1;
           low[nl] = static_cast<int32_t>(j);
-          nl += ok & (v[j] <= bt[ib[j]]);
+          nl += v[j] <= bt[k];
         }
+        ct[0] -= static_cast<int32_t>(len - nf);
         for (int64_t q = 0; q < nl; ++q) {  // bottoms only fall: no value left out can lower one
           const int64_t j = low[q], k = ib[j];
+          if (!(tb[j] == tb[j])) continue;
           if (v[j] < bt[k]) {
             bt[k] = v[j];
             tt[k] = 1;
@@ -379,29 +383,33 @@ bool follow_channel(const Sketch& sk, int64_t c, double count, double sum, doubl
 // g = lo_k + span_k (t - k), or to atom_k when v equals tie_k (the bin's bottom when ties there
 // get a mid-rank, NaN otherwise); d = slope_k dt/dx, the backward's derivative (dg/dx where the
 // slope is the span; 0 for a tie).
-// (Ties: whether the channel has any; without, its loops read two tables instead of four.)
+// (Ties: whether the channel has any; without, its loops read two tables instead of four.
+// Slope: whether its slope table differs from its span, as it does only where the channel has
+// fewer values than `smoothing` per bin; else d reads the span already read for g.)
 template <typename T>
 struct Channel {
   T center, inv, half, top;
   const T *lo, *span, *tie, *atom, *slope;
-  bool ties;
+  bool ties, own_slope;
 
-  template <bool Ties>
+  template <bool Ties, bool Slope = true>
   inline void at(T v, T& g, T& d) const {
     const T z = (v - center) * inv;
     const T a = T(1) + std::abs(z);
     const T t = half * (T(1) + z / a);
     const int32_t k = clamped_bin(t, top);
     const T span_k = span[k];
+    const T slope_k = Slope ? slope[k] : span_k;
     if constexpr (Ties) {
       // arithmetic, not branches, so that the loops over values vectorize (gathers for the tables)
       const T m = T(v == tie[k]);  // m = 1 for a tie, else 0 (exact blends below)
       g = m * atom[k] + (T(1) - m) * (lo[k] + span_k * (t - T(k)));
-      d = (T(1) - m) * slope[k] * half * inv / (a * a);
+      d = (T(1) - m) * slope_k * half * inv / (a * a);
     } else {
       g = lo[k] + span_k * (t - T(k));
-      d = slope[k] * half * inv / (a * a);
+      d = slope_k * half * inv / (a * a);
     }
+    d += t - t;  // NaN for a non-finite x (NaN position), as on the torch path; else + 0
   }
 };
 
@@ -409,57 +417,79 @@ template <typename T>
 struct Tables {
   const T *center, *scale, *lo, *span, *tie, *atom, *slope;
   int64_t K;
-  std::vector<char> ties;  // per channel: any tie (a non-NaN tie value)
+  std::vector<char> ties;       // per channel: any tie (a non-NaN tie value)
+  std::vector<char> own_slope;  // per channel: a slope table that differs from the span
 
   Channel<T> channel(int64_t c) const {
     return {center[c], T(1) / scale[c], T(K) / 2, T(K - 1), lo + c * K, span + c * K, tie + c * K, atom + c * K,
-            slope + c * K, ties.empty() || ties[c] != 0};
+            slope + c * K, ties.empty() || ties[c] != 0, own_slope.empty() || own_slope[c] != 0};
   }
 
-  void find_ties() {
+  // Channel c's ties and own slope, from its tables.
+  void classify(int64_t c) {
+    const int64_t o = c * K;
+    ties[c] = std::any_of(tie + o, tie + o + K, [](T v) { return v == v; });
+    own_slope[c] = !std::equal(slope + o, slope + o + K, span + o);
+  }
+
+  void classify_all() {
     const int64_t C = static_cast<int64_t>(ties.size());
-    for (int64_t c = 0; c < C; ++c) ties[c] = std::any_of(tie + c * K, tie + (c + 1) * K, [](T v) { return v == v; });
+    for (int64_t c = 0; c < C; ++c) classify(c);
   }
 };
 
-// The tables; with find, which channels have ties (else every channel is taken to have some).
+// The tables, and which channels have ties and their own slope (classify_all, or per channel).
 template <typename T>
 Tables<T> tables_of(const torch::Tensor& center, const torch::Tensor& scale, const torch::Tensor& lo,
                     const torch::Tensor& span, const torch::Tensor& tie, const torch::Tensor& atom,
-                    const torch::Tensor& slope, bool find) {
+                    const torch::Tensor& slope) {
   TORCH_CHECK(lo.is_contiguous() && span.is_contiguous() && tie.is_contiguous() && atom.is_contiguous() &&
               slope.is_contiguous() && slope.scalar_type() == lo.scalar_type() &&
               lo.scalar_type() == center.scalar_type() && span.scalar_type() == lo.scalar_type() &&
               tie.scalar_type() == lo.scalar_type() && atom.scalar_type() == lo.scalar_type(),
               "tables must be contiguous, of x's dtype");
-  Tables<T> tab{center.data_ptr<T>(), scale.data_ptr<T>(), lo.data_ptr<T>(), span.data_ptr<T>(),
-                tie.data_ptr<T>(), atom.data_ptr<T>(), slope.data_ptr<T>(), lo.size(1), {}};
-  if (find) {
-    tab.ties.resize(lo.size(0));
-    tab.find_ties();
-  }
-  return tab;
+  const int64_t C = lo.size(0);
+  return {center.data_ptr<T>(), scale.data_ptr<T>(), lo.data_ptr<T>(), span.data_ptr<T>(), tie.data_ptr<T>(),
+          atom.data_ptr<T>(), slope.data_ptr<T>(), lo.size(1), std::vector<char>(C, 1), std::vector<char>(C, 1)};
 }
 
-// y = w g + b over a row of len values (vectorized: the table reads become gathers).
-template <bool Ties, typename T>
-void apply_row(const Channel<T>& ch, const T* __restrict x, int64_t len, T w, T b, T* __restrict y) {
+// y = w g + b over a row of len values (vectorized: the table reads become gathers); with Keep,
+// also g and d = dg/dx, the backward's (saved instead of x: the backward then reads no tables).
+template <bool Ties, bool Slope, bool Keep, typename T>
+void apply_row(const Channel<T>& ch, const T* __restrict x, int64_t len, T w, T b, T* __restrict y,
+               T* __restrict gs, T* __restrict ds) {
 #pragma omp simd
   for (int64_t j = 0; j < len; ++j) {
     T g, d;
-    ch.template at<Ties>(x[j], g, d);
+    ch.template at<Ties, Slope>(x[j], g, d);
     y[j] = w * g + b;
+    if constexpr (Keep) {
+      gs[j] = g;
+      ds[j] = d;
+    }
   }
 }
 
-// y = w_c g + b_c for rows [n0, n1) of channel c.
+// y = w_c g + b_c for rows [n0, n1) of channel c; with gs and ds (not null) also g and dg/dx.
 template <typename T>
 void apply_rows(const Tables<T>& tab, const T* x, int64_t C, int64_t S, int64_t c, int64_t n0, int64_t n1, T w, T b,
-                T* y) {
+                T* y, T* gs, T* ds) {
   const auto ch = tab.channel(c);
-  for (int64_t r = n0; r < n1; ++r) {
-    const int64_t o = (r * C + c) * S;
-    ch.ties ? apply_row<true>(ch, x + o, S, w, b, y + o) : apply_row<false>(ch, x + o, S, w, b, y + o);
+  const auto rows = [&](auto ties, auto slope, auto keep) {
+    for (int64_t r = n0; r < n1; ++r) {
+      const int64_t o = (r * C + c) * S;
+      apply_row<decltype(ties)::value, decltype(slope)::value, decltype(keep)::value>(
+          ch, x + o, S, w, b, y + o, keep ? gs + o : nullptr, keep ? ds + o : nullptr);
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (gs == nullptr) {
+    ch.ties ? rows(yes{}, no{}, no{}) : rows(no{}, no{}, no{});
+  } else if (ch.own_slope) {
+    ch.ties ? rows(yes{}, yes{}, yes{}) : rows(no{}, yes{}, yes{});
+  } else {
+    ch.ties ? rows(yes{}, no{}, yes{}) : rows(no{}, no{}, yes{});
   }
 }
 
@@ -481,6 +511,21 @@ void grad_row(const Channel<T>& ch, const T* __restrict x, const T* __restrict g
   for (int64_t j = 0; j < len; ++j) {
     gx[j] = gy[j] * w * db[j];
     aw += gy[j] * gb[j];
+    ab += gy[j];
+  }
+  *sw = aw;
+  *sb = ab;
+}
+
+// grad_row from the forward's g and d = dg/dx: no table reads.
+template <typename T>
+void grad_row_kept(const T* __restrict g, const T* __restrict d, const T* __restrict gy, int64_t len, T w,
+                   T* __restrict gx, T* sw, T* sb) {
+  T aw = 0, ab = 0;
+#pragma omp simd reduction(+ : aw, ab)
+  for (int64_t j = 0; j < len; ++j) {
+    gx[j] = gy[j] * w * d[j];
+    aw += gy[j] * g[j];
     ab += gy[j];
   }
   *sw = aw;
@@ -582,11 +627,13 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   auto y = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_apply", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, slope, true);
+    auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, slope);
+    tab.classify_all();
     const scalar_t *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>(), *bp = bias.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) apply_rows(tab, xp, C, S, r % C, r / C, r / C + 1, wp[r % C], bp[r % C], yp);
+      for (int64_t r = begin; r < end; ++r)
+        apply_rows<scalar_t>(tab, xp, C, S, r % C, r / C, r / C + 1, wp[r % C], bp[r % C], yp, nullptr, nullptr);
     });
   });
   return y;
@@ -594,14 +641,14 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
 
 // The whole training forward of one process in one call, channel by channel: the counts on a
 // copy of the grid, the tables (observing the batch into the sketch when observe), with
-// do_follow the grid follow, and y. Returns y, the grid copy and the tables the backward needs,
-// follow's (regrid, std) for the caller to move the grids (regrid all false without
-// do_follow), and per channel (3, C) the count of finite values and the value and size of its
-// largest tie (NaN, 0 without ties).
+// do_follow the grid follow, and y. Returns y, the grid copy and the tables, follow's (regrid,
+// std) for the caller to move the grids (regrid all false without do_follow), per channel (3, C)
+// the count of finite values and the value and size of its largest tie (NaN, 0 without ties),
+// and with keep g and dg/dx for the backward (undefined without).
 std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
                                    double tail, double smoothing, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
                                    torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
-                                   bool do_follow, torch::Tensor weight, torch::Tensor bias) {
+                                   bool do_follow, torch::Tensor weight, torch::Tensor bias, bool keep) {
   auto c0 = center.to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
   auto s0 = scale.to(x.scalar_type(), false, true);
   check(x, c0, s0);
@@ -610,6 +657,11 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2), B = row_blocks(N, C);
   auto lo = torch::empty({C, K}, x.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
        atom = torch::empty_like(lo), slope = torch::empty_like(lo), y = torch::empty_like(x);
+  torch::Tensor gs, ds;
+  if (keep) {
+    gs = torch::empty_like(x);
+    ds = torch::empty_like(x);
+  }
   auto regrid = torch::zeros({C}, ready.options());
   auto stdev = scale.clone();
   auto extras = torch::empty({3, C}, x.options().dtype(torch::kFloat64));
@@ -619,8 +671,8 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
     T* yp = y.data_ptr<T>();
-    auto tab = tables_of<T>(c0, s0, lo, span, tie, atom, slope, false);
-    tab.ties.assign(C, 1);  // set per channel once its tables are built
+    T *gsp = keep ? gs.data_ptr<T>() : nullptr, *dsp = keep ? ds.data_ptr<T>() : nullptr;
+    auto tab = tables_of<T>(c0, s0, lo, span, tie, atom, slope);  // classified per channel once built
     T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>(),
       *slp = slope.data_ptr<T>();
     bool* rg = regrid.data_ptr<bool>();
@@ -636,26 +688,65 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       const auto most = std::max_element(cn.ties.begin(), cn.ties.end()) - cn.ties.begin();
       ep[C + c] = cn.ties[most] > 1 ? double(cn.bottom[most]) : std::numeric_limits<double>::quiet_NaN();
       ep[2 * C + c] = cn.ties[most] > 1 ? double(cn.ties[most]) : 0.0;
-      tab.ties[c] = std::any_of(cn.ties.begin(), cn.ties.end(), [](int32_t m) { return m > 1; });
+      tab.classify(c);
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
         if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, cn.finite);
         if (do_follow)
           rg[c] = follow_channel<scalar_t>(sk, c, cn.finite, cn.sum(), cn.sumsq(), stdev.data_ptr<scalar_t>() + c);
       });
-      if (B == 1) apply_rows(tab, xp, C, S, c, 0, N, wp[c], bp[c], yp);  // its values still in cache
+      if (B == 1) apply_rows(tab, xp, C, S, c, 0, N, wp[c], bp[c], yp, gsp, dsp);  // its values still in cache
     });
     if (B > 1) {
       at::parallel_for(0, C * B, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task / B;
           const auto [n0, n1] = block_rows(N, task % B, B);
-          apply_rows(tab, xp, C, S, c, n0, n1, wp[c], bp[c], yp);
+          apply_rows(tab, xp, C, S, c, n0, n1, wp[c], bp[c], yp, gsp, dsp);
         }
       });
     }
   });
-  return {y, c0, s0, lo, span, tie, atom, slope, regrid, stdev, extras};
+  return {y, c0, s0, lo, span, tie, atom, slope, regrid, stdev, extras, gs, ds};
 }
+
+namespace {
+
+// The backward's pass over the rows of (N, C, S): row(c, offset, len, &sum_w, &sum_b) writes
+// grad_x for len <= kChunk values of channel c and returns their float sums of grad_y g and
+// grad_y, added up per channel in float64 (per thread first: threads writing to shared lines
+// stall each other). Returns (grad_w, grad_b) as float64 (C).
+template <typename T, typename Row>
+std::pair<torch::Tensor, torch::Tensor> grad_pass(int64_t N, int64_t C, int64_t S, Row&& row) {
+  auto gw = torch::zeros({C}, torch::kFloat64), gb = torch::zeros({C}, torch::kFloat64);
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<double>> sw(threads, std::vector<double>(C, 0.0)), sb(threads, std::vector<double>(C, 0.0));
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    std::vector<double> lw(C, 0.0), lb(C, 0.0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t c = r % C;
+      for (int64_t s0 = r * S; s0 < (r + 1) * S; s0 += kChunk) {  // float sums over a chunk, double across
+        T fw = 0, fb = 0;
+        row(c, s0, std::min(kChunk, (r + 1) * S - s0), &fw, &fb);
+        lw[c] += double(fw);
+        lb[c] += double(fb);
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sw[tid][c] += lw[c];
+      sb[tid][c] += lb[c];
+    }
+  });
+  double *gwp = gw.data_ptr<double>(), *gbp = gb.data_ptr<double>();
+  for (int t = 0; t < threads; ++t)
+    for (int64_t c = 0; c < C; ++c) {
+      gwp[c] += sw[t][c];
+      gbp[c] += sb[t][c];
+    }
+  return {gw, gb};
+}
+
+}  // namespace
 
 // grad_x = grad_y w_c dg/dx, grad_w_c = sum grad_y g, grad_b_c = sum grad_y (g recomputed from x).
 std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Tensor center, torch::Tensor scale,
@@ -665,41 +756,37 @@ std::vector<torch::Tensor> backward(torch::Tensor gy, torch::Tensor x, torch::Te
   TORCH_CHECK(gy.is_contiguous() && gy.sizes() == x.sizes(), "grad must be contiguous and shaped like x");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2);
   auto gx = torch::empty_like(x);
-  auto gw = torch::zeros({C}, x.options().dtype(torch::kFloat64));
-  auto gb = torch::zeros({C}, x.options().dtype(torch::kFloat64));
+  std::pair<torch::Tensor, torch::Tensor> sums;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_backward", [&] {
-    const auto tab = tables_of<scalar_t>(center, scale, lo, span, tie, atom, slope, true);
-    const scalar_t *gyp = gy.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
-    scalar_t* gxp = gx.data_ptr<scalar_t>();
-    const int threads = at::get_num_threads();
-    std::vector<std::vector<double>> sw(threads, std::vector<double>(C, 0.0)), sb(threads, std::vector<double>(C, 0.0));
-    at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-      const int tid = at::get_thread_num();
-      std::vector<double> lw(C, 0.0), lb(C, 0.0);  // local: threads writing to shared lines stall each other
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t c = r % C;
-        const auto ch = tab.channel(c);
-        for (int64_t s0 = r * S; s0 < (r + 1) * S; s0 += kChunk) {  // float sums over a chunk, double across
-          const int64_t len = std::min(kChunk, (r + 1) * S - s0);
-          scalar_t fw = 0, fb = 0;
-          grad_row(ch, xp + s0, gyp + s0, len, wp[c], gxp + s0, &fw, &fb);
-          lw[c] += double(fw);
-          lb[c] += double(fb);
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        sw[tid][c] += lw[c];
-        sb[tid][c] += lb[c];
-      }
+    using T = scalar_t;
+    auto tab = tables_of<T>(center, scale, lo, span, tie, atom, slope);
+    tab.classify_all();
+    const T *gyp = gy.data_ptr<T>(), *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>();
+    T* gxp = gx.data_ptr<T>();
+    sums = grad_pass<T>(N, C, S, [&](int64_t c, int64_t o, int64_t len, T* fw, T* fb) {
+      grad_row(tab.channel(c), xp + o, gyp + o, len, wp[c], gxp + o, fw, fb);
     });
-    double *gwp = gw.data_ptr<double>(), *gbp = gb.data_ptr<double>();
-    for (int t = 0; t < threads; ++t)
-      for (int64_t c = 0; c < C; ++c) {
-        gwp[c] += sw[t][c];
-        gbp[c] += sb[t][c];
-      }
   });
-  return {gx, gw.to(gy.scalar_type()), gb.to(gy.scalar_type())};
+  return {gx, sums.first.to(gy.scalar_type()), sums.second.to(gy.scalar_type())};
+}
+
+// The same from the forward's g and d = dg/dx (forward with keep): grad_x = grad_y w_c d,
+// grad_w_c = sum grad_y g, grad_b_c = sum grad_y; one pass with no table reads.
+std::vector<torch::Tensor> backward_kept(torch::Tensor gy, torch::Tensor g, torch::Tensor d, torch::Tensor weight) {
+  TORCH_CHECK(gy.is_contiguous() && g.is_contiguous() && d.is_contiguous() && gy.sizes() == g.sizes() &&
+              d.sizes() == g.sizes() && g.dim() == 3, "grad, g and dg/dx must be contiguous (N, C, S) tensors");
+  const int64_t N = g.size(0), C = g.size(1), S = g.size(2);
+  auto gx = torch::empty_like(g);
+  std::pair<torch::Tensor, torch::Tensor> sums;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "pit_backward_kept", [&] {
+    using T = scalar_t;
+    const T *gyp = gy.data_ptr<T>(), *gp = g.data_ptr<T>(), *dp = d.data_ptr<T>(), *wp = weight.data_ptr<T>();
+    T* gxp = gx.data_ptr<T>();
+    sums = grad_pass<T>(N, C, S, [&](int64_t c, int64_t o, int64_t len, T* fw, T* fb) {
+      grad_row_kept(gp + o, dp + o, gyp + o, len, wp[c], gxp + o, fw, fb);
+    });
+  });
+  return {gx, sums.first.to(gy.scalar_type()), sums.second.to(gy.scalar_type())};
 }
 
 // ---- the single-process training step as an autograd Function ----------------------------------
@@ -740,11 +827,11 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
       torch::Tensor center, torch::Tensor scale, torch::Tensor cdf, torch::Tensor seen, torch::Tensor mean,
       torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom, torch::Tensor atom_mass,
       int64_t K, bool normal, double tail, double smoothing, double momentum, double shift, bool observe,
-      bool do_follow) {
+      bool do_follow, bool keep) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto out = ::forward(x, center, scale, K, normal, tail, smoothing, cdf, seen, mean, var, ready, momentum, shift,
-                         observe, do_follow, weight, bias);
-    // out: y, the grid copy (center, scale), lo, span, tie, atom, slope, regrid, std, extras
+                         observe, do_follow, weight, bias, keep);
+    // out: y, the grid copy (center, scale), lo, span, tie, atom, slope, regrid, std, extras, g, dg/dx
     if (observe) {
       TORCH_CHECK(nonfinite.is_contiguous() && atom.is_contiguous() && atom_mass.is_contiguous() &&
                   nonfinite.scalar_type() == cdf.scalar_type() && atom.scalar_type() == cdf.scalar_type() &&
@@ -757,7 +844,7 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
         observe_atoms<scalar_t>(out[10], seen, atom, atom_mass, momentum);
       });
     }
-    ctx->save_for_backward({x, weight, out[1], out[2], out[3], out[4], out[5], out[6], out[7]});
+    if (keep) ctx->save_for_backward({out[11], out[12], weight});  // not x: the backward reads no tables
     ctx->mark_non_differentiable({out[8], out[9]});
     ctx->set_materialize_grads(false);
     return {out[0], out[8], out[9]};
@@ -765,14 +852,15 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    torch::autograd::variable_list result(21);
+    torch::autograd::variable_list result(22);
     if (!grads[0].defined()) return result;
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "the PIT norm's CPU kernel is not twice differentiable: double backward (create_graph=True, e.g. a "
                 "gradient penalty) is not supported; set EXOTICNORM_NO_KERNELS=1 to use the torch-ops path, which is");
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     auto v = ctx->get_saved_variables();
-    auto g = ::backward(grads[0].contiguous(), v[0], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[1]);
+    TORCH_CHECK(!v.empty(), "the PIT step kept nothing for a backward: it ran without gradient");
+    auto g = ::backward_kept(grads[0].contiguous(), v[0], v[1], v[2]);
     result[0] = g[0];
     if (ctx->needs_input_grad(1)) result[1] = g[1];
     if (ctx->needs_input_grad(2)) result[2] = g[2];
@@ -790,8 +878,10 @@ std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::Te
                                 torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom,
                                 torch::Tensor atom_mass, int64_t K, bool normal, double tail, double smoothing,
                                 double momentum, double shift, bool observe, bool do_follow) {
+  // g and dg/dx are kept for a backward only where one can follow
+  const bool keep = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad());
   return PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
-                                atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow);
+                                atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -808,5 +898,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine",
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "PIT: gradients of x, weight and bias",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward_kept", &backward_kept, "PIT: gradients of x, weight and bias from the forward's g and dg/dx",
         py::call_guard<py::gil_scoped_release>());
 }
