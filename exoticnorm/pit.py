@@ -102,21 +102,28 @@ class PITNorm(RunningStatsNorm):
             sketch.follow(x3, dim=1)
         return sketch, fresh
 
+    def _kernel_step(self, kernel, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The single-process training transform as one C++ autograd Function: counts, tables,
+        the sketch's update (the batch is counted on the current grid, then the grid follows the
+        batch's moments) and y."""
+        sketch, fresh = self._batch_sketch(x3)
+        momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
+        y, regrid, std = kernel.step(
+            x3, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
+            sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, self.bins, self.output == "normal",
+            self.tail, self.smoothing, momentum, sketch.regrid_shift, self.training and self.track_running_stats,
+            not fresh)
+        sketch.move_grids(regrid, std)
+        return y
+
     def _kernel_forward(self, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """The training transform by the CPU kernel; updates the sketch (the batch is counted on
-        the current grid, then the grid follows the batch's moments)."""
+        """The training transform by the CPU kernel's steps one at a time, the bin counts summed
+        over processes in between (x3's channels as rows)."""
         sketch, fresh = self._batch_sketch(x3)
         observe = self.training and self.track_running_stats
         momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
         normal = self.output == "normal"
         kernel = pit_cpu()
-        if not synced():  # one C++ autograd Function: counts, tables, the sketch's update, y
-            y, regrid, std = kernel.step(
-                x3, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
-                sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, self.bins, normal, self.tail,
-                self.smoothing, momentum, sketch.regrid_shift, observe, not fresh)
-            sketch.move_grids(regrid, std)
-            return y
         center, scale = sketch.center.to(x3.dtype, copy=True), sketch.scale.to(x3.dtype, copy=True)
         counts, bottom, ties, moments = kernel.histogram(x3, center, scale, self.bins)
         bottom, ties = _union_bins(bottom, ties)
@@ -155,13 +162,19 @@ class PITNorm(RunningStatsNorm):
 
     @torch.compiler.disable  # data-dependent tables and a C++ kernel: eager only
     def _train_transform(self, x3: Tensor) -> Tensor:
-        """The training transform of x3 (N, C, S): fused on the CPU, torch ops elsewhere."""
+        """The training transform of x3 (N, C, S): fused on the CPU, torch ops elsewhere. The
+        passes want each channel's values contiguous: (N, C) input (S = 1) is transposed into
+        one row per channel, by the single-process C++ step itself, else here."""
         weight = (self.weight if self.affine else x3.new_ones(self.num_features)).to(x3.dtype)
         bias = (self.bias if self.affine else x3.new_zeros(self.num_features)).to(x3.dtype)
         kernel = pit_cpu() if x3.device.type == "cpu" and self.sketch.cdf.dtype in _KERNEL_DTYPES else None
-        if kernel is not None:
-            return self._kernel_forward(x3, weight, bias)
-        return self._torch_forward(x3, weight, bias)
+        if kernel is not None and not synced():
+            return self._kernel_step(kernel, x3, weight, bias)
+        columns = x3.shape[2] == 1
+        if columns:
+            x3 = rearrange(x3, "n c 1 -> 1 c n").contiguous()
+        y3 = (self._kernel_forward if kernel is not None else self._torch_forward)(x3, weight, bias)
+        return rearrange(y3, "1 c n -> n c 1") if columns else y3
 
     def _normalize(self, x: Tensor) -> Tensor:
         if x.device.type == "meta":  # shapes only: no statistics to read or update
@@ -171,11 +184,8 @@ class PITNorm(RunningStatsNorm):
         with EF.autocast_off(x):
             xs = x.to(dtype)
             if self.uses_batch_stats:
-                x3 = rearrange(xs, "n c ... -> n c (...)")
-                if x3.shape[2] == 1:  # (N, C): each channel's values made contiguous, as one row
-                    y3 = self._train_transform(rearrange(x3, "n c 1 -> 1 c n").contiguous())
-                    return rearrange(y3, "1 c n -> n c 1").reshape(xs.shape).to(x.dtype)
-                return self._train_transform(x3.contiguous()).view(xs.shape).to(x.dtype)
+                x3 = rearrange(xs, "n c ... -> n c (...)").contiguous()
+                return self._train_transform(x3).reshape(xs.shape).to(x.dtype)
             xc = xs.movedim(1, 0)  # channels first
             t = self.sketch.position(xc)
             f = self.sketch.cdf_at(xc, t)

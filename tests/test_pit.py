@@ -141,6 +141,38 @@ def test_fused_kernel_matches_torch_ops(output, shape, threads, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, equal_nan=True)  # NaN: no atom
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(45, 19), (64, 24), (8, 8), (7, 9)])
+def test_kernel_step_takes_flat_input_as_channel_rows(shape, dtype, monkeypatch):
+    """(N, C) input is transposed into one row per channel inside the C++ step (8×8 register
+    blocks where they fit, element by element at the edges) and y and the gradient back: the same
+    outputs and gradients as the torch path over two steps."""
+    from exoticnorm.kernels import pit_cpu
+
+    if pit_cpu() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(shape, generator=gen, dtype=dtype) * (1 + i) + i for i in range(2)]
+    results = []
+    for off in ("0", "1"):
+        monkeypatch.setenv("EXOTICNORM_NO_KERNELS", off)
+        m = en.PITNorm(shape[1], bins=40, momentum=0.5).to(dtype)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 2, shape[1])), m.bias.copy_(torch.linspace(-1, 1, shape[1]))
+        steps = []
+        for x in xs:
+            xi = x.clone().requires_grad_(True)
+            y = m(xi)
+            m.zero_grad()
+            y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+            steps.append((y.detach(), xi.grad, m.weight.grad.clone(), m.bias.grad.clone()))
+        results.append(steps)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    for step_kernel, step_torch in zip(*results):
+        for a, b in zip(step_kernel, step_torch):
+            torch.testing.assert_close(a, b, **tol)
+
+
 def test_kernel_step_keeps_g_and_its_derivative_only_when_a_backward_can_follow():
     """The CPU step saves the transform g and dg/dx for the backward (two tensors of x's size;
     the backward then reads no tables) and nothing under no_grad, whose output is the same."""
