@@ -227,6 +227,15 @@ struct Output {
   }
 };
 
+// The largest of K counts (a max reduction, which the compiler vectorizes for integers; a loop
+// that ors comparisons or tracks the position as well does not vectorize).
+template <typename Count>
+inline Count largest(const Count* v, int64_t K) {
+  Count m = 0;
+  for (int64_t k = 0; k < K; ++k) m = std::max(m, v[k]);
+  return m;
+}
+
 // One channel's tables (K values each) from its bin counts, the ties at each bin's bottom, the
 // bottoms and the count the ties are a share of (all of the whole batch, over ranks): lo (output
 // at the bin's bottom), span (increase across the bin), tie (the bottom where several values
@@ -263,9 +272,7 @@ double channel_tables(const Count* cnt, const Count* ties, const T* bottom, doub
     }
   }
   const int64_t coarse = out.coarsening(n, K);
-  bool any_tie = false;
-  for (int64_t k = 0; k < K; ++k) any_tie |= double(ties[k]) > 1.0;
-  if (!any_tie) {  // the loops below without ties: every bin a knot, then pieces of r bins for the slope
+  if (!(double(largest(ties, K)) > 1.0)) {  // no ties  // the loops below without ties: every bin a knot, then pieces of r bins for the slope
     for (int64_t k = 0; k < K; ++k) {
       const double rise = O[k + 1] - O[k];
       lo[k] = T(O[k]);
@@ -340,11 +347,17 @@ void observe_channel(const Sketch& sk, int64_t c, const Count* cnt, int64_t K, d
   const double w = weight;
   const S f = sk.momentum < 0.0 ? n / std::max(w + n, 1.0) : (w == 0.0 ? 1.0 : sk.momentum);
   const double per_value = 1.0 / std::max(n, 1.0);  // a product per bin, not a division (within an ulp)
-  int64_t cum = 0;  // whole counts: an exact integer sum, no chain of double additions
+  // the running counts first (whole counts: an exact integer sum, no chain of double additions),
+  // then the update as a loop the compiler vectorizes
+  thread_local std::vector<double> below;
+  below.resize(K - 1);
+  int64_t cum = 0;
   for (int64_t k = 0; k < K - 1; ++k) {
     cum += static_cast<int64_t>(cnt[k]);
-    cdf[k] = cdf[k] + f * (static_cast<S>(double(cum) * per_value) - cdf[k]);
+    below[k] = double(cum);
   }
+  const double* run = below.data();
+  for (int64_t k = 0; k < K - 1; ++k) cdf[k] = cdf[k] + f * (static_cast<S>(run[k] * per_value) - cdf[k]);
   weight = static_cast<S>(w + n);
 }
 
@@ -688,10 +701,11 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       const int64_t o = c * K;
       channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), cn.finite, K, out, edge_out, lop + o, spp + o,
                      tip + o, ap + o, slp + o);
-      ep[c] = cn.finite;  // the finite values, and the largest tie: its value and size
-      const auto most = std::max_element(cn.ties.begin(), cn.ties.end()) - cn.ties.begin();
-      ep[C + c] = cn.ties[most] > 1 ? double(cn.bottom[most]) : std::numeric_limits<double>::quiet_NaN();
-      ep[2 * C + c] = cn.ties[most] > 1 ? double(cn.ties[most]) : 0.0;
+      ep[c] = cn.finite;  // the finite values, and the largest tie (the first of its size): its value and size
+      const int32_t size = largest(cn.ties.data(), K);
+      const auto most = size > 1 ? std::find(cn.ties.begin(), cn.ties.end(), size) - cn.ties.begin() : 0;
+      ep[C + c] = size > 1 ? double(cn.bottom[most]) : std::numeric_limits<double>::quiet_NaN();
+      ep[2 * C + c] = size > 1 ? double(size) : 0.0;
       tab.classify(c);
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
         if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, cn.finite);
