@@ -113,7 +113,8 @@ class PITNorm(RunningStatsNorm):
             sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, self.bins, self.output == "normal",
             self.tail, self.smoothing, momentum, sketch.regrid_shift, self.training and self.track_running_stats,
             not fresh)
-        sketch.move_grids(regrid, std)
+        if regrid.numel():  # empty when no grid moves (the step also marks every grid ready)
+            sketch.move_grids(regrid, std)
         return y
 
     def _kernel_forward(self, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -184,7 +185,7 @@ class PITNorm(RunningStatsNorm):
         with EF.autocast_off(x):
             xs = x.to(dtype)
             if self.uses_batch_stats:
-                x3 = rearrange(xs, "n c ... -> n c (...)").contiguous()
+                x3 = (xs.flatten(2) if xs.ndim > 2 else xs.unsqueeze(2)).contiguous()  # (N, C, S)
                 return self._train_transform(x3).reshape(xs.shape).to(x.dtype)
             xc = xs.movedim(1, 0)  # channels first
             t = self.sketch.position(xc)

@@ -914,6 +914,10 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
       });
     }
     if (keep) ctx->save_for_backward({out[11], out[12], weight});  // not x: the backward reads no tables
+    ready.fill_(true);  // every grid is set now (a fresh one by the caller, before this step)
+    const bool* moves = out[8].data_ptr<bool>();
+    if (std::none_of(moves, moves + out[8].numel(), [](bool m) { return m; }))
+      out[8] = out[8].new_empty({0});  // no grid moves: nothing for the caller to do
     ctx->mark_non_differentiable({out[8], out[9]});
     ctx->set_materialize_grads(false);
     return {out[0], out[8], out[9]};
@@ -942,8 +946,8 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
 }  // namespace
 
 // The single-process training step: y, and without gradient (regrid, std) for the caller to move the
-// grids; the sketch (cdf, weight, mean, var, ready as in forward; nonfinite, atom, atom_mass when
-// observe) updated in place. Differentiable in x, gamma and beta (the tables are constants).
+// grids (regrid empty when none moves); the sketch (cdf, weight, mean, var as in forward; ready all set;
+// nonfinite, atom, atom_mass when observe) updated in place. Differentiable in x, gamma and beta (the tables are constants).
 std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor center,
                                 torch::Tensor scale, torch::Tensor cdf, torch::Tensor seen, torch::Tensor mean,
                                 torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom,
