@@ -510,6 +510,22 @@ void apply_rows(const Tables<T>& tab, const T* x, int64_t C, int64_t S, int64_t 
   }
 }
 
+// grad_x = grad_y w d, with the sums of grad_y g and grad_y, from g and d = dg/dx over len values
+// (the forward's, kept: no table reads).
+template <typename T>
+void grad_row_kept(const T* __restrict g, const T* __restrict d, const T* __restrict gy, int64_t len, T w,
+                   T* __restrict gx, T* sw, T* sb) {
+  T aw = 0, ab = 0;
+#pragma omp simd reduction(+ : aw, ab)
+  for (int64_t j = 0; j < len; ++j) {
+    gx[j] = gy[j] * w * d[j];
+    aw += gy[j] * g[j];
+    ab += gy[j];
+  }
+  *sw = aw;
+  *sb = ab;
+}
+
 // grad_x = grad_y w dg/dx over len <= kChunk values, with sums of grad_y g and grad_y. Two
 // loops, as GCC vectorizes neither half when the tables' reads and the sums share one.
 template <typename T>
@@ -523,30 +539,7 @@ void grad_row(const Channel<T>& ch, const T* __restrict x, const T* __restrict g
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) ch.template at<false>(x[j], gb[j], db[j]);
   }
-  T aw = 0, ab = 0;
-#pragma omp simd reduction(+ : aw, ab)
-  for (int64_t j = 0; j < len; ++j) {
-    gx[j] = gy[j] * w * db[j];
-    aw += gy[j] * gb[j];
-    ab += gy[j];
-  }
-  *sw = aw;
-  *sb = ab;
-}
-
-// grad_row from the forward's g and d = dg/dx: no table reads.
-template <typename T>
-void grad_row_kept(const T* __restrict g, const T* __restrict d, const T* __restrict gy, int64_t len, T w,
-                   T* __restrict gx, T* sw, T* sb) {
-  T aw = 0, ab = 0;
-#pragma omp simd reduction(+ : aw, ab)
-  for (int64_t j = 0; j < len; ++j) {
-    gx[j] = gy[j] * w * d[j];
-    aw += gy[j] * g[j];
-    ab += gy[j];
-  }
-  *sw = aw;
-  *sb = ab;
+  grad_row_kept(gb, db, gy, len, w, gx, sw, sb);
 }
 
 }  // namespace
