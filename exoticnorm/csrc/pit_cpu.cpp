@@ -272,7 +272,7 @@ double channel_tables(const Count* cnt, const Count* ties, const T* bottom, doub
     }
   }
   const int64_t coarse = out.coarsening(n, K);
-  if (!(double(largest(ties, K)) > 1.0)) {  // no ties  // the loops below without ties: every bin a knot, then pieces of r bins for the slope
+  if (!(double(largest(ties, K)) > 1.0)) {  // no ties: every bin a knot, then pieces of r bins for the slope
     for (int64_t k = 0; k < K; ++k) {
       const double rise = O[k + 1] - O[k];
       lo[k] = T(O[k]);
@@ -966,7 +966,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine",
         py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, "PIT: gradients of x, weight and bias",
-        py::call_guard<py::gil_scoped_release>());
-  m.def("backward_kept", &backward_kept, "PIT: gradients of x, weight and bias from the forward's g and dg/dx",
         py::call_guard<py::gil_scoped_release>());
 }
