@@ -117,9 +117,16 @@ def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
 
 
 def zca_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int, eps: float, shrink: float,
-             flat: bool, density: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             flat: bool, density: float = 1.0, running: tuple[Tensor, ...] = (),
+             momentum: float | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``WhitenBatch``'s outputs (y, μ, Σ, W, ρ) for ZCA (W sparsified to ``density`` < 1 as
     ``whitening.sparsify``) by a C++ autograd Function: one call forward, one backward, no Python
     between (``zca_step`` in csrc/whiten_cpu.cpp, whose comments state the math). ``shrink``: ρ, or
-    −1 for Ledoit–Wolf's ((N, C) input only); ``flat``: (N, C) input. Not twice differentiable."""
-    return tuple(whiten_cpu().zca_step(x, weight, bias, group_size, eps, shrink, flat, density))
+    −1 for Ledoit–Wolf's ((N, C) input only); ``flat``: (N, C) input. Not twice differentiable.
+
+    ``running``: a norm's (running_mean, running_cov, running_shrinkage, running_whitening,
+    num_batches_tracked), moved in the same call toward (μ, M/(M − 1) Σ, ρ, W) by ``momentum``
+    (None: a cumulative average), as ``RunningStatsNorm.update_factor`` and ``lerp_`` would."""
+    momentum = -1.0 if momentum is None else float(momentum)
+    return tuple(whiten_cpu().zca_step(x, weight, bias, group_size, eps, shrink, flat, density, list(running),
+                                       momentum))

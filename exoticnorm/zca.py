@@ -25,6 +25,7 @@ from torch import Tensor
 from .distributed import synced
 from . import functional as EF
 from . import whitening as W
+from . import whitening_kernel as K
 from .base import RunningStatsNorm
 
 __all__ = ["ZCANorm", "BlockZCANorm", "SparseZCANorm"]
@@ -203,28 +204,57 @@ class _Whitening(GroupedStatsNorm):
         return y, mean, cov, w, rho, float(EF.values_per_channel(x))
 
     def _cast_affine(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        return tuple(None if p is None else p.to(x.dtype) for p in (self.weight, self.bias))
+        weight, bias = self.weight, self.bias
+        if weight is None or weight.dtype == x.dtype:
+            return weight, bias
+        return weight.to(x.dtype), bias.to(x.dtype)
 
-    @torch.compiler.disable  # custom autograd Functions (C++, or with a small graph inside): eager only
+    def _fused_step(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, tracking: bool) -> Tensor | None:
+        """y by the C++ ZCA step (``whitening_kernel.zca_step``), the running statistics moved in
+        the same call, where ``zca_plan`` says it computes this batch (single process); else None."""
+        spec, c = self.spec, self._group_size
+        plan = K.zca_plan(x, c, spec)
+        if plan is None:
+            return None
+        running = (self.running_mean, self.running_cov, self.running_shrinkage, self.running_whitening,
+                   self.num_batches_tracked) if tracking else ()
+        try:
+            return K.zca_step(x, weight, bias, c, spec.eps, K.step_shrinkage(x, c, spec), plan == "flat",
+                              spec.density, running, self.momentum)[0]
+        except torch.linalg.LinAlgError:
+            return None  # eigh failed (nothing was updated): the torch ops retry with jitter, then Newton–Schulz
+
     def _train_forward(self, x: Tensor) -> Tensor:
         weight, bias = self._cast_affine(x)
+        tracking = self.training and self.track_running_stats
+        if not synced(self.process_group):
+            y = self._fused_step(x, weight, bias, tracking)
+            if y is not None:
+                return y
         shift = None
         if self.track_running_stats and synced(self.process_group):
             shift = self._grouped(self.running_mean, 0.0)
         y, mean, cov, w, rho, count = self._stage(x, self._group_size, weight, bias, shift)
-        if self.training and self.track_running_stats:
+        if tracking:
             unbiased = cov * (count / (count - 1))  # count >= 2, checked before
             EF.update_all_running(
                 (self.running_mean, self.running_cov, self.running_shrinkage, self.running_whitening),
                 (mean.flatten()[: self.num_features], unbiased, rho, w), self.update_factor())
         return y
 
+    @torch.compiler.disable
+    def _eager_train_forward(self, x: Tensor) -> Tensor:
+        """``_train_forward`` as a graph break under torch.compile: custom autograd Functions (C++,
+        or with a small graph inside) run eagerly. (Eager calls skip this wrapper's few µs.)"""
+        return self._train_forward(x)
+
     def _normalize(self, x: Tensor) -> Tensor:
         dtype = EF.stats_dtype(x)
         with EF.autocast_off(x):
             xs = x.to(dtype)
             if self.uses_batch_stats:
-                return self._train_forward(xs).to(x.dtype)
+                train = self._eager_train_forward if torch.compiler.is_compiling() else self._train_forward
+                return train(xs).to(x.dtype)
             return self._eval_forward(xs).to(x.dtype)
 
     def _eval_forward(self, xs: Tensor) -> Tensor:

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
+import exoticnorm as en
 from exoticnorm import whitening as W
+from exoticnorm import whitening_kernel
 from exoticnorm.kernels import whiten_cpu
 from exoticnorm.whitening_kernel import FusedWhitenBatch, supported
 
@@ -201,6 +203,60 @@ def test_zca_step_plan():
     assert step_shrinkage(torch.empty(8, 6), 6, spec) == -1.0     # 8 < 4·6: Ledoit–Wolf
     assert step_shrinkage(torch.empty(30, 6), 6, spec) == 0.0
     assert step_shrinkage(torch.empty(30, 6), 6, W.WhiteningSpec(shrinkage=0.3)) == 0.3
+
+
+MODULE_CASES = [  # norm, input shape: spatial, flat with a padded last group and Ledoit–Wolf, sparsified
+    (lambda m: en.ZCANorm(6, momentum=m), (8, 6, 5, 5)),
+    (lambda m: en.BlockZCANorm(10, group_size=4, momentum=m), (12, 10)),
+    (lambda m: en.SparseZCANorm(8, density=0.5, momentum=m), (6, 8, 4, 4)),
+]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("case", range(len(MODULE_CASES)))
+def test_module_step_moves_running_statistics_as_the_torch_path(monkeypatch, case, momentum):
+    """The module's fused step moves its running statistics in C++ (``zca_step(running=...)``): the
+    same buffers as the Python update over the torch-ops path, to rounding, and their version
+    counters bumped, so that the cached eval map follows every training step."""
+    make, shape = MODULE_CASES[case]
+    gen = torch.Generator().manual_seed(case)
+    batches = [torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(4)]
+    probe = torch.randn(shape, generator=gen, dtype=torch.float64)
+    norms, evals = {}, {}
+    for path in ("step", "torch"):
+        if path == "torch":  # the plan says no: the module takes the torch-ops map and the Python update
+            monkeypatch.setattr(whitening_kernel, "zca_plan", lambda *a: None)
+        norm = make(momentum).double()
+        evals[path] = []
+        for x in batches:
+            norm.train()
+            norm(x)
+            norm.eval()
+            evals[path].append(norm(probe))  # after every step: a stale cache would repeat the last
+        norms[path] = norm
+    state = {k: norms["torch"].state_dict()[k] for k in norms["step"].state_dict()}
+    for name, value in norms["step"].state_dict().items():
+        if name.startswith("running_") or name == "num_batches_tracked":
+            torch.testing.assert_close(value, state[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert int(norms["step"].num_batches_tracked) == len(batches)
+    for a, b in zip(evals["step"], evals["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_module_step_updates_low_precision_buffers():
+    """Buffers kept in another dtype than the input (float16 here) move as the Python update would."""
+    x = torch.randn(16, 6, 4, 4, generator=torch.Generator().manual_seed(3))
+    ours, ref = en.ZCANorm(6), en.ZCANorm(6)
+    for norm in (ours, ref):
+        for name in ("running_mean", "running_cov", "running_shrinkage", "running_whitening"):
+            setattr(norm, name, getattr(norm, name).half())
+    ours(x)
+    _, mean, cov, w, rho, count = ref._stage(x, 6, ref.weight, ref.bias, None)
+    for name, value in (("running_mean", mean.flatten()), ("running_cov", cov * count / (count - 1)),
+                        ("running_shrinkage", rho), ("running_whitening", w)):
+        expected = getattr(ref, name).float().lerp(value.float(), 0.1)
+        assert getattr(ours, name).dtype == torch.float16
+        torch.testing.assert_close(getattr(ours, name).float(), expected, rtol=2e-3, atol=1e-3, msg=name)
 
 
 CHECKPOINTED = """

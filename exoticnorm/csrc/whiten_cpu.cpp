@@ -867,16 +867,62 @@ class ZCAStepFunction : public torch::autograd::Function<ZCAStepFunction> {
 
 }  // namespace
 
+namespace {
+
+// r <- r + f (b - r) over n entries (torch's lerp_ but for its rounding), b read as double.
+template <typename R, typename B>
+void lerp_into(R* r, const B* b, int64_t n, double f, double scale = 1.0) {
+  for (int64_t i = 0; i < n; ++i) r[i] = R(double(r[i]) + f * (double(b[i]) * scale - double(r[i])));
+}
+
+// The running statistics {mean (C,), cov (G, c, c), shrinkage (G,), whitening (G, c, c),
+// num_batches_tracked} move toward the batch's {mean (G, c), cov, rho, W} of zca_step's outputs as the
+// norm's update_factor and lerp_ do: f = momentum, or 1 / num_batches_tracked (counted first) for a
+// cumulative average (momentum < 0); the covariance toward the unbiased M / (M - 1) Sigma. In place,
+// with the buffers' version counters bumped (the eval map is cached on them).
+void update_running(const std::vector<torch::Tensor>& running, const std::vector<torch::Tensor>& out, double M,
+                    double momentum) {
+  TORCH_CHECK(running.size() == 5, "running statistics: mean, cov, shrinkage, whitening, num_batches_tracked");
+  const auto& nbt = running[4];
+  TORCH_CHECK(nbt.scalar_type() == torch::kLong && nbt.numel() == 1 && nbt.device().is_cpu(),
+              "num_batches_tracked must be a CPU long scalar");
+  const int64_t C = running[0].numel();
+  const torch::Tensor batch[4] = {out[1], out[2], out[4], out[3]};  // mean, cov, rho, W
+  for (int k = 0; k < 4; ++k)
+    TORCH_CHECK(running[k].device().is_cpu() && running[k].is_contiguous() && batch[k].is_contiguous() &&
+                    running[k].numel() == (k == 0 ? std::min(C, batch[k].numel()) : batch[k].numel()),
+                "running statistic ", k, " does not match the batch's");
+  nbt.data_ptr<int64_t>()[0] += 1;
+  torch::autograd::impl::bump_version(nbt);
+  const double f = momentum < 0 ? 1.0 / double(nbt.data_ptr<int64_t>()[0]) : momentum;
+  for (int k = 0; k < 4; ++k) {
+    const auto& r = running[k];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "update_running", [&] {
+      using R = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES(batch[k].scalar_type(), "update_running_batch", [&] {
+        lerp_into<R, scalar_t>(r.data_ptr<R>(), batch[k].data_ptr<scalar_t>(), r.numel(), f, k == 1 ? M / (M - 1) : 1.0);
+      });
+    });
+    torch::autograd::impl::bump_version(r);
+  }
+}
+
+}  // namespace
+
 // y, and without gradient mean (G, c), cov (G, c, c), W, rho (G,): the whitening of x (N, C, *s), or of
 // (N, C) input when flat, per group of c channels, W sparsified to `density` (1: not), rho fixed
-// (or Ledoit-Wolf's when shrink < 0, flat only); differentiable in x, gamma and beta.
+// (or Ledoit-Wolf's when shrink < 0, flat only); differentiable in x, gamma and beta. `running` (empty,
+// or the norm's five running statistics, see update_running) moves toward the batch's by `momentum`.
 std::vector<torch::Tensor> zca_step(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
-                                    double shrink, bool flat, double density) {
+                                    double shrink, bool flat, double density, std::vector<torch::Tensor> running,
+                                    double momentum) {
   TORCH_CHECK(x.dim() >= 2 && c >= 1, "x must be (N, C, ...) and the group size positive");
   for (const auto* p : {&weight, &bias})
     TORCH_CHECK(!p->has_value() || !(*p)->defined() || (*p)->numel() == x.size(1), "gamma and beta must have C = ",
                 x.size(1), " entries");
-  return ZCAStepFunction::apply(x, weight, bias, c, eps, shrink, flat, density);
+  auto out = ZCAStepFunction::apply(x, weight, bias, c, eps, shrink, flat, density);
+  if (!running.empty()) update_running(running, out, double(x.numel() / x.size(1)), momentum);
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
