@@ -161,13 +161,16 @@ class PITNorm(RunningStatsNorm):
                                   self.output, self.tail, self.smoothing)
         return cdf.apply_tables(x3, t, flat, bottom, tables, weight, bias)
 
-    @torch.compiler.disable  # data-dependent tables and a C++ kernel: eager only
     def _train_transform(self, x3: Tensor) -> Tensor:
         """The training transform of x3 (N, C, S): fused on the CPU, torch ops elsewhere. The
         passes want each channel's values contiguous: (N, C) input (S = 1) is transposed into
         one row per channel, by the single-process C++ step itself, else here."""
-        weight = (self.weight if self.affine else x3.new_ones(self.num_features)).to(x3.dtype)
-        bias = (self.bias if self.affine else x3.new_zeros(self.num_features)).to(x3.dtype)
+        if self.affine:
+            weight, bias = self.weight, self.bias
+            if weight.dtype != x3.dtype:
+                weight, bias = weight.to(x3.dtype), bias.to(x3.dtype)
+        else:
+            weight, bias = x3.new_ones(self.num_features), x3.new_zeros(self.num_features)
         kernel = pit_cpu() if x3.device.type == "cpu" and self.sketch.cdf.dtype in _KERNEL_DTYPES else None
         if kernel is not None and not synced():
             return self._kernel_step(kernel, x3, weight, bias)
@@ -176,6 +179,12 @@ class PITNorm(RunningStatsNorm):
             x3 = rearrange(x3, "n c 1 -> 1 c n").contiguous()
         y3 = (self._kernel_forward if kernel is not None else self._torch_forward)(x3, weight, bias)
         return rearrange(y3, "1 c n -> n c 1") if columns else y3
+
+    @torch.compiler.disable
+    def _eager_train_transform(self, x3: Tensor) -> Tensor:
+        """``_train_transform`` as a graph break under torch.compile (data-dependent tables and a
+        C++ kernel run eagerly). (Eager calls skip this wrapper's few µs.)"""
+        return self._train_transform(x3)
 
     def _normalize(self, x: Tensor) -> Tensor:
         if x.device.type == "meta":  # shapes only: no statistics to read or update
@@ -186,7 +195,8 @@ class PITNorm(RunningStatsNorm):
             xs = x.to(dtype)
             if self.uses_batch_stats:
                 x3 = (xs.flatten(2) if xs.ndim > 2 else xs.unsqueeze(2)).contiguous()  # (N, C, S)
-                return self._train_transform(x3).reshape(xs.shape).to(x.dtype)
+                train = self._eager_train_transform if torch.compiler.is_compiling() else self._train_transform
+                return train(x3).reshape(xs.shape).to(x.dtype)
             xc = xs.movedim(1, 0)  # channels first
             t = self.sketch.position(xc)
             f = self.sketch.cdf_at(xc, t)
