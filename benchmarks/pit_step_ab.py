@@ -50,8 +50,8 @@ def step_fn(kernel, x, g, w, b, sketch):
     def run():
         y = kernel.step(x, w, b, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
                         sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, 500, True, 1e-3, 8.0, 0.1,
-                        sketch.regrid_shift, True, True)[0]
-        y.backward(g)
+                        sketch.regrid_shift, True, True)
+        (y[0] if isinstance(y, (list, tuple)) else y).backward(g)  # earlier steps returned (y, regrid, std)
     return run
 
 

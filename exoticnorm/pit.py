@@ -108,14 +108,11 @@ class PITNorm(RunningStatsNorm):
         batch's moments) and y."""
         sketch, fresh = self._batch_sketch(x3)
         momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
-        y, regrid, std = kernel.step(
+        return kernel.step(
             x3, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
             sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, self.bins, self.output == "normal",
             self.tail, self.smoothing, momentum, sketch.regrid_shift, self.training and self.track_running_stats,
             not fresh)
-        if regrid.numel():  # empty when no grid moves (the step also marks every grid ready)
-            sketch.move_grids(regrid, std)
-        return y
 
     def _kernel_forward(self, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """The training transform by the CPU kernel's steps one at a time, the bin counts summed

@@ -237,18 +237,8 @@ class QuantileSketch(nn.Module):
         kernel = pit_cpu() if self.cdf.device.type == "cpu" else None
         if kernel is None:
             return self._follow(moments)
-        regrid, std = kernel.follow(moments.double(), self.mean, self.var, self.center, self.scale, self.ready,
-                                    self.weight, -1.0 if self.momentum is None else float(self.momentum),
-                                    self.regrid_shift)
-        self.move_grids(regrid, std)
-
-    @torch.no_grad()
-    def move_grids(self, regrid: Tensor, std: Tensor) -> None:
-        """After the C++ follow (running moments already updated): move the grids of the
-        channels in ``regrid`` to (running mean, ``std``)."""
-        if bool(regrid.any()):
-            self._regrid(regrid, self.mean, std)
-        self.ready.fill_(True)
+        kernel.follow(moments.double(), self.cdf, self.mean, self.var, self.center, self.scale, self.ready,
+                      self.weight, -1.0 if self.momentum is None else float(self.momentum), self.regrid_shift)
 
     @torch.no_grad()
     def _follow(self, moments: Tensor) -> None:

@@ -394,6 +394,31 @@ bool follow_channel(const Sketch& sk, int64_t c, double count, double sum, doubl
   return std::abs(mu - center) > S(sk.shift) * scale || std::abs(sd / scale - 1) > S(sk.shift);
 }
 
+// QuantileSketch._regrid for channel c: its edge CDF re-interpolated at the new grid's K - 1 inner
+// edges x_j = center' + scale' v / (1 - |v|), v = 2 j / K - 1, placed on the old grid (position t,
+// linear in t within a bin, F = 0 at t = 0 and 1 at t = K); then the grid is (center', scale').
+template <typename S>
+void regrid_channel(const Sketch& sk, int64_t c, int64_t K, S new_center, S new_scale) {
+  S* cdf = sk.cdf.data_ptr<S>() + c * (K - 1);
+  S& center = sk.center.data_ptr<S>()[c];
+  S& scale = sk.scale.data_ptr<S>()[c];
+  thread_local std::vector<S> moved;
+  moved.resize(K - 1);
+  const S half = S(0.5) * S(K);
+  for (int64_t j = 1; j < K; ++j) {
+    const S v = S(2) * (S(j) / S(K)) - S(1);
+    const S x = new_center + new_scale * v / (S(1) - std::abs(v));
+    const S z = (x - center) / scale;
+    const S t = (z / (S(1) + std::abs(z)) + S(1)) * half;
+    const int64_t k = t == t ? std::min<int64_t>(std::max<int64_t>(int64_t(std::floor(t)), 0), K - 1) : 0;
+    const S lo = k == 0 ? S(0) : cdf[k - 1], hi = k == K - 1 ? S(1) : cdf[k];  // F at edges k, k + 1
+    moved[j - 1] = lo + (t - S(k)) * (hi - lo);
+  }
+  std::copy(moved.begin(), moved.end(), cdf);
+  center = new_center;
+  scale = new_scale;
+}
+
 // --- the transform ------------------------------------------------------------------------------
 
 // One channel's transform: a value v at grid position t in bin k maps to
@@ -611,23 +636,23 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
 }
 
 // QuantileSketch._follow on the CPU: from a batch's moments (3, C: count, sum, sum of squares)
-// update the running mean and var in place and return (regrid, std): the channels whose grid
-// must move, and the std to move it to.
-std::vector<torch::Tensor> follow(torch::Tensor moments, torch::Tensor mean, torch::Tensor var, torch::Tensor center,
-                                  torch::Tensor scale, torch::Tensor ready, torch::Tensor weight, double momentum,
-                                  double shift) {
-  TORCH_CHECK(moments.scalar_type() == torch::kFloat64 && ready.scalar_type() == torch::kBool, "bad follow arguments");
-  const int64_t C = mean.numel();
-  auto regrid = torch::zeros({C}, ready.options());
-  auto stdev = torch::empty_like(mean);
-  const Sketch sk{{}, weight, mean, var, center, scale, ready, momentum, shift};
+// update the running mean and var in place, and move the grids (and re-interpolate the edge CDFs,
+// cdf (C, K - 1)) of the channels that have drifted; every grid is then marked ready.
+void follow(torch::Tensor moments, torch::Tensor cdf, torch::Tensor mean, torch::Tensor var, torch::Tensor center,
+            torch::Tensor scale, torch::Tensor ready, torch::Tensor weight, double momentum, double shift) {
+  TORCH_CHECK(moments.scalar_type() == torch::kFloat64 && ready.scalar_type() == torch::kBool &&
+              cdf.scalar_type() == mean.scalar_type() && cdf.is_contiguous(), "bad follow arguments");
+  const int64_t C = mean.numel(), K = cdf.size(1) + 1;
+  const Sketch sk{cdf, weight, mean, var, center, scale, ready, momentum, shift};
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "pit_follow", [&] {
     const double* mp = moments.data_ptr<double>();
-    bool* rg = regrid.data_ptr<bool>();
-    for (int64_t c = 0; c < C; ++c)
-      rg[c] = follow_channel<scalar_t>(sk, c, mp[c], mp[C + c], mp[2 * C + c], stdev.data_ptr<scalar_t>() + c);
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t sd;
+      if (follow_channel<scalar_t>(sk, c, mp[c], mp[C + c], mp[2 * C + c], &sd))
+        regrid_channel<scalar_t>(sk, c, K, sk.mean.data_ptr<scalar_t>()[c], sd);
+    }
   });
-  return {regrid, stdev};
+  ready.fill_(true);
 }
 
 // y = w_c g + b_c.
@@ -651,10 +676,10 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
 
 // The whole training forward of one process in one call, channel by channel: the counts on a
 // copy of the grid, the tables (observing the batch into the sketch when observe), with
-// do_follow the grid follow, and y. Returns y, the grid copy and the tables, follow's (regrid,
-// std) for the caller to move the grids (regrid all false without do_follow), per channel (3, C)
-// the count of finite values and the value and size of its largest tie (NaN, 0 without ties),
-// and with keep g and dg/dx for the backward (undefined without).
+// do_follow the grid follow (the running moments, and the grids that must move moved), and y.
+// Returns y, the grid copy and the tables, per channel (3, C) the count of finite values and the
+// value and size of its largest tie (NaN, 0 without ties), and with keep g and dg/dx for the
+// backward (undefined without).
 std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
                                    double tail, double smoothing, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
                                    torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
@@ -672,8 +697,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     gs = torch::empty_like(x);
     ds = torch::empty_like(x);
   }
-  auto regrid = torch::zeros({C}, ready.options());
-  auto stdev = scale.clone();
+  auto stdev = scale.clone();  // follow's std per channel: a moving grid's new scale
   auto extras = torch::empty({3, C}, x.options().dtype(torch::kFloat64));
   double* ep = extras.data_ptr<double>();
   const Sketch sk{cdf, sketch_weight, mean, var, center, scale, ready, momentum, shift};
@@ -685,7 +709,6 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     auto tab = tables_of<T>(c0, s0, lo, span, tie, atom, slope);  // classified per channel once built
     T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>(),
       *slp = slope.data_ptr<T>();
-    bool* rg = regrid.data_ptr<bool>();
     const double n = double(N * S);
     Output out{normal, tail, smoothing};
     out.cache_counts(n, K);
@@ -702,8 +725,8 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       tab.classify(c);
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
         if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, cn.finite);
-        if (do_follow)
-          rg[c] = follow_channel<scalar_t>(sk, c, cn.finite, cn.sum(), cn.sumsq(), stdev.data_ptr<scalar_t>() + c);
+        if (do_follow && follow_channel<scalar_t>(sk, c, cn.finite, cn.sum(), cn.sumsq(), stdev.data_ptr<scalar_t>() + c))
+          regrid_channel<scalar_t>(sk, c, K, sk.mean.data_ptr<scalar_t>()[c], stdev.data_ptr<scalar_t>()[c]);
       });
       if (B == 1) apply_rows(tab, xp, C, S, c, 0, N, wp[c], bp[c], yp, gsp, dsp);  // its values still in cache
     });
@@ -717,7 +740,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       });
     }
   });
-  return {y, c0, s0, lo, span, tie, atom, slope, regrid, stdev, extras, gs, ds};
+  return {y, c0, s0, lo, span, tie, atom, slope, extras, gs, ds};
 }
 
 namespace {
@@ -893,27 +916,23 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
                          var, ready, momentum, shift, observe, do_follow, weight, bias, keep);
     if (columns) out[0] = transposed(out[0], false);
     ctx->saved_data["columns"] = columns;
-    // out: y, the grid copy (center, scale), lo, span, tie, atom, slope, regrid, std, extras, g, dg/dx
+    // out: y, the grid copy (center, scale), lo, span, tie, atom, slope, extras, g, dg/dx
     if (observe) {
       TORCH_CHECK(nonfinite.is_contiguous() && atom.is_contiguous() && atom_mass.is_contiguous() &&
                   nonfinite.scalar_type() == cdf.scalar_type() && atom.scalar_type() == cdf.scalar_type() &&
                   atom_mass.scalar_type() == cdf.scalar_type(), "the sketch's buffers must be of one dtype");
       const double values = double(x.size(0) * x.size(2));
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_atoms", [&] {
-        const double* e = out[10].data_ptr<double>();
+        const double* e = out[8].data_ptr<double>();
         scalar_t* nf = nonfinite.data_ptr<scalar_t>();
         for (int64_t c = 0; c < x.size(1); ++c) nf[c] += scalar_t(values - e[c]);
-        observe_atoms<scalar_t>(out[10], seen, atom, atom_mass, momentum);
+        observe_atoms<scalar_t>(out[8], seen, atom, atom_mass, momentum);
       });
     }
-    if (keep) ctx->save_for_backward({out[11], out[12], weight});  // not x: the backward reads no tables
+    if (keep) ctx->save_for_backward({out[9], out[10], weight});  // not x: the backward reads no tables
     ready.fill_(true);  // every grid is set now (a fresh one by the caller, before this step)
-    const bool* moves = out[8].data_ptr<bool>();
-    if (std::none_of(moves, moves + out[8].numel(), [](bool m) { return m; }))
-      out[8] = out[8].new_empty({0});  // no grid moves: nothing for the caller to do
-    ctx->mark_non_differentiable({out[8], out[9]});
     ctx->set_materialize_grads(false);
-    return {out[0], out[8], out[9]};
+    return {out[0]};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -938,10 +957,10 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
 
 }  // namespace
 
-// The single-process training step: y, and without gradient (regrid, std) for the caller to move the
-// grids (regrid empty when none moves); the sketch (cdf, weight, mean, var as in forward; ready all set;
-// nonfinite, atom, atom_mass when observe) updated in place. Differentiable in x, gamma and beta (the tables are constants).
-std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor center,
+// The single-process training step: y; the sketch (cdf, weight, mean, var, and the grids that must move
+// moved, as in forward; ready all set; nonfinite, atom, atom_mass when observe) updated in place.
+// Differentiable in x, gamma and beta (the tables are constants).
+torch::Tensor step(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor center,
                                 torch::Tensor scale, torch::Tensor cdf, torch::Tensor seen, torch::Tensor mean,
                                 torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom,
                                 torch::Tensor atom_mass, int64_t K, bool normal, double tail, double smoothing,
@@ -949,7 +968,7 @@ std::vector<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::Te
   // g and dg/dx are kept for a backward only where one can follow
   const bool keep = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad());
   return PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
-                                atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep);
+                                atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep)[0];
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -961,7 +980,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("tables", &tables, "PIT: per-bin tables from counts and ties, observing the batch into the sketch",
         py::call_guard<py::gil_scoped_release>());
-  m.def("follow", &follow, "QuantileSketch: running moments and which grids move",
+  m.def("follow", &follow, "QuantileSketch: running moments, and the grids that drifted moved",
         py::call_guard<py::gil_scoped_release>());
   m.def("apply", &apply, "PIT: the piecewise-linear transform and the affine",
         py::call_guard<py::gil_scoped_release>());
