@@ -12,7 +12,7 @@ On x86 CPUs where torch's own kernels use AVX2 or AVX-512 the kernel is built wi
 branch-free selects into vector code.
 The instruction set is part of the build's name, so machines of different kinds that share a
 home directory (a cluster) each get their own build, never one their CPU cannot run. So is a
-short hash of the C++ source, the compiler flags, torch's version and the Python ABI
+short hash of the C++ source (and the shared headers), the compiler flags, torch's version and the Python ABI
 (``extension_name("pit_cpu")``, e.g. ``exoticnorm_pit_cpu_avx2_1a2b3c4d5e``): two installs with the same
 source and torch share one build, and installs that differ never rebuild over each other's.
 """
@@ -51,11 +51,13 @@ def _build_flags() -> tuple[list[str], list[str]]:
 
 def extension_name(source: str = "pit_cpu") -> str:
     """The build's name in torch's extension cache: ``exoticnorm_<source>_<isa>_<hash>``, the
-    hash (10 hex digits) over the C++ source text, the flags, torch's version and the Python ABI."""
+    hash (10 hex digits) over the C++ source text and csrc's headers, the flags, torch's version
+    and the Python ABI."""
     isa, _ = _instruction_set()
     cflags, ldflags = _build_flags()
     digest = hashlib.sha256()
-    for part in ((_CSRC / f"{source}.cpp").read_bytes(), b"|", " ".join(cflags).encode(), b"|",
+    headers = [h.read_bytes() for h in sorted(_CSRC.glob("*.h"))]  # included by the sources
+    for part in ((_CSRC / f"{source}.cpp").read_bytes(), *headers, b"|", " ".join(cflags).encode(), b"|",
                  " ".join(ldflags).encode(), b"|", torch.__version__.encode(), b"|",
                  sys.implementation.cache_tag.encode()):
         digest.update(part)

@@ -332,8 +332,12 @@ def test_kernel_extension_name_hashes_source_flags_and_torch(tmp_path, monkeypat
     src = tmp_path / "csrc"
     src.mkdir()
     (src / "pit_cpu.cpp").write_text((kernels._CSRC / "pit_cpu.cpp").read_text() + "\n// edited\n")
+    for header in kernels._CSRC.glob("*.h"):
+        (src / header.name).write_text(header.read_text())
     monkeypatch.setattr(kernels, "_CSRC", src)
     edited = kernels.extension_name()
     assert edited != name and edited.startswith(f"exoticnorm_pit_cpu_{isa}_")
+    (src / "transpose.h").write_text((src / "transpose.h").read_text() + "\n// edited\n")
+    assert kernels.extension_name() != edited  # a shared header is part of the build
     monkeypatch.setattr(kernels, "_instruction_set", lambda: (isa, ["-mfoo"]))
     assert kernels.extension_name() not in (name, edited)  # other compile flags

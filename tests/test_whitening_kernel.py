@@ -95,7 +95,8 @@ STEP_CASES = [
     ((4, 40, 3, 3), 40, 0.2, "spatial"),    # c > 32: the map as ATen ops
     ((64, 8), 8, 0.0, "flat"),
     ((40, 12), 5, "auto", "flat"),          # padded last group
-    ((30, 12), 12, "lw", "flat"),           # Ledoit–Wolf's rho
+    ((30, 12), 12, "lw", "flat"),           # Ledoit–Wolf's rho (c <= 32: (N, C) as rows through the passes)
+    ((12, 10), 4, "auto", "flat"),          # 12 < 4c: Ledoit–Wolf over groups, the last one padded
     ((100, 40), 40, "auto", "flat"),        # c > 32, 100 < 4c: Ledoit–Wolf
 ]
 

@@ -11,6 +11,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "transpose.h"
+
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -413,12 +415,34 @@ void matmul(const S* a, bool ta, const S* b, bool tb, S* out, int64_t c) {
     at::mm_out(O, ta ? A.t() : A, tb ? B.t() : B);
     return;
   }
-  for (int64_t i = 0; i < c; ++i)
-    for (int64_t j = 0; j < c; ++j) {
-      S acc = 0;
-      for (int64_t k = 0; k < c; ++k) acc += (ta ? a[k * c + i] : a[i * c + k]) * (tb ? b[j * c + k] : b[k * c + j]);
-      out[i * c + j] = acc;
+  S at[kSmall * kSmall], bt[kSmall * kSmall];  // transposed operands, so that the loops run along rows
+  if (ta) {
+    exoticnorm::transpose_into(a, c, c, at);
+    a = at;
+  }
+  if (tb) {
+    exoticnorm::transpose_into(b, c, c, bt);
+    b = bt;
+  }
+  for (int64_t i = 0; i < c; ++i) {  // out_i = sum_k a_ik b_k, k in order: a row of c vectorized
+    S* o = out + i * c;
+    std::fill(o, o + c, S(0));
+    for (int64_t k = 0; k < c; ++k) {
+      const S aik = a[i * c + k];
+      const S* bk = b + k * c;
+      for (int64_t j = 0; j < c; ++j) o[j] += aik * bk[j];
     }
+  }
+}
+
+// f(begin, end) over groups [0, G): spread over the threads where the groups are small (c <= kSmall:
+// plain loops, no ATen op in the workers), else on the calling thread (the products go to BLAS).
+template <typename F>
+void for_groups(int64_t G, int64_t c, const F& f) {
+  if (c <= kSmall && G > 1)
+    at::parallel_for(0, G, 1, f);
+  else
+    f(0, G);
 }
 
 // Entry i of group g of a (C,) vector grouped as (G, c) and padded with `fill`.
@@ -522,8 +546,9 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
   if (sparse)
     kept = {at::empty({G, c, c}, reg.options()), at::empty({G, c, c}, reg.options()), at::empty({G, c}, reg.options()),
             reg};
+  for_groups(G, c, [&](int64_t begin, int64_t end) {
   std::vector<S> tmp(c * c), ws(c * c);
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = begin; g < end; ++g) {
     S* sg = s.data_ptr<S>() + g * c;
     const S* ug = u.data_ptr<S>() + g * c * c;
     const double top = double(sg[c - 1]);
@@ -548,6 +573,7 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
       b.data_ptr<T>()[g * c + i] = T(bet ? grouped_at(bet, C, g, c, i, 0.0) : 0.0);
     }
   }
+  });
   return {w, a, b, u, s, kept};
 }
 
@@ -565,8 +591,9 @@ std::pair<torch::Tensor, torch::Tensor> map_backward(const torch::Tensor& ga, co
   const T* gam = weight ? weight->data_ptr<T>() : nullptr;
   const bool sparse = !map.sparse.empty();
   const double tiny = std::numeric_limits<T>::min();
+  for_groups(G, c, [&](int64_t begin, int64_t end) {
   std::vector<S> sym(c * c), t1(c * c), t2(c * c), gw(c * c), extra(sparse ? c * c : 0), dv(c);
-  for (int64_t g = 0; g < G; ++g) {
+  for (int64_t g = begin; g < end; ++g) {
     const S* gag = gad.data_ptr<S>() + g * c * c;
     const T* wg = wc.data_ptr<T>() + g * c * c;
     const S* ug = map.u.data_ptr<S>() + g * c * c;
@@ -617,6 +644,7 @@ std::pair<torch::Tensor, torch::Tensor> map_backward(const torch::Tensor& ga, co
     for (int64_t i = 0; i < c; ++i)
       for (int64_t j = 0; j < c; ++j) out[i * c + j] = T(double(t2[i * c + j]) * (1 - p) + (i == j ? p / double(c) * tr : 0.0));
   }
+  });
   return {gcov, gweight};
 }
 
@@ -641,8 +669,24 @@ std::pair<torch::Tensor, torch::Tensor> zca_map_backward(const torch::Tensor& ga
   return out;
 }
 
-// Ledoit-Wolf's rho (G,) from centred samples xc (M, G, c) and their covariance (see whitening.py):
-// min(1, b^2 / d^2), b^2 = (sum_k |x_k|^4 - M |Sigma|_F^2) / M^2, d^2 = |Sigma - m I|_F^2.
+// Ledoit-Wolf's rho for one group from sum_k |x_k|^4 over its M centred samples (`fourth`) and their
+// covariance vg (c x c): min(1, b^2 / d^2), b^2 = (fourth - M |Sigma|_F^2) / M^2, d^2 = |Sigma - m I|_F^2.
+template <typename V>
+double ledoit_wolf_rho(double fourth, double M, const V* vg, int64_t c, double tiny) {
+  double frob = 0, m = 0, d2 = 0;
+  for (int64_t i = 0; i < c; ++i) m += double(vg[i * c + i]);
+  m /= double(c);
+  for (int64_t i = 0; i < c * c; ++i) frob += double(vg[i]) * double(vg[i]);
+  for (int64_t i = 0; i < c; ++i)
+    for (int64_t j = 0; j < c; ++j) {
+      const double d = double(vg[i * c + j]) - (i == j ? m : 0.0);
+      d2 += d * d;
+    }
+  const double b2 = (fourth - M * frob) / (M * M);
+  return d2 > 0 ? std::min(1.0, std::max(0.0, b2) / std::max(d2, tiny)) : 0.0;
+}
+
+// Ledoit-Wolf's rho (G,) (see whitening.py) from centred samples xc (M, G, c) and their covariance.
 torch::Tensor ledoit_wolf(const torch::Tensor& xc, const torch::Tensor& cov) {
   const int64_t M = xc.size(0), G = xc.size(1), c = xc.size(2);
   auto rho = at::empty({G}, cov.options());
@@ -650,46 +694,84 @@ torch::Tensor ledoit_wolf(const torch::Tensor& xc, const torch::Tensor& cov) {
   auto cc = cov.contiguous();
   AT_DISPATCH_FLOATING_TYPES(cov.scalar_type(), "ledoit_wolf", [&] {
     const scalar_t* X = xcc.data_ptr<scalar_t>();
-    const scalar_t* V = cc.data_ptr<scalar_t>();
-    const double tiny = std::numeric_limits<scalar_t>::min();
     for (int64_t g = 0; g < G; ++g) {
-      double fourth = 0, frob = 0, m = 0, d2 = 0;
+      double fourth = 0;
       for (int64_t n = 0; n < M; ++n) {
         double sq = 0;
         for (int64_t i = 0; i < c; ++i) sq += double(X[(n * G + g) * c + i]) * double(X[(n * G + g) * c + i]);
         fourth += sq * sq;
       }
-      const scalar_t* vg = V + g * c * c;
-      for (int64_t i = 0; i < c; ++i) m += double(vg[i * c + i]);
-      m /= double(c);
-      for (int64_t i = 0; i < c * c; ++i) frob += double(vg[i]) * double(vg[i]);
-      for (int64_t i = 0; i < c; ++i)
-        for (int64_t j = 0; j < c; ++j) {
-          const double d = double(vg[i * c + j]) - (i == j ? m : 0.0);
-          d2 += d * d;
-        }
-      const double b2 = (fourth - double(M) * frob) / (double(M) * double(M));
-      rho.data_ptr<scalar_t>()[g] = scalar_t(d2 > 0 ? std::min(1.0, std::max(0.0, b2) / std::max(d2, tiny)) : 0.0);
+      rho.data_ptr<scalar_t>()[g] = scalar_t(ledoit_wolf_rho(fourth, double(M), cc.data_ptr<scalar_t>() + g * c * c, c,
+                                                             std::numeric_limits<scalar_t>::min()));
     }
   });
   return rho;
 }
 
+// The same from rows x3 (1, G c, M) (a sample per position), their mean (G, c) and covariance (G, c, c,
+// float64); rho in x3's dtype.
+torch::Tensor ledoit_wolf_rows(const torch::Tensor& x3, const torch::Tensor& mean, const torch::Tensor& cov) {
+  const int64_t G = mean.size(0), c = mean.size(1), M = x3.size(2);
+  auto rho = at::empty({G}, x3.options());
+  AT_DISPATCH_FLOATING_TYPES(x3.scalar_type(), "ledoit_wolf_rows", [&] {
+    const scalar_t* X = x3.data_ptr<scalar_t>();
+    const scalar_t* mu = mean.data_ptr<scalar_t>();
+    std::vector<double> sq(M);
+    for (int64_t g = 0; g < G; ++g) {
+      std::fill(sq.begin(), sq.end(), 0.0);
+      for (int64_t i = 0; i < c; ++i) {
+        const scalar_t* row = X + (g * c + i) * M;
+        const double m = double(mu[g * c + i]);
+        for (int64_t k = 0; k < M; ++k) sq[k] += (double(row[k]) - m) * (double(row[k]) - m);
+      }
+      double fourth = 0;
+      for (int64_t k = 0; k < M; ++k) fourth += sq[k] * sq[k];
+      rho.data_ptr<scalar_t>()[g] = scalar_t(ledoit_wolf_rho(fourth, double(M), cov.data_ptr<double>() + g * c * c, c,
+                                                             std::numeric_limits<scalar_t>::min()));
+    }
+  });
+  return rho;
+}
+
+// (N, C) as rows (1, R, N), one per channel (zero rows from C on: the padding of a short last group),
+// so that small groups of (N, C) input run through the spatial passes as one sample of N positions.
+torch::Tensor to_rows(const torch::Tensor& x, int64_t R) {
+  const int64_t N = x.size(0), C = x.size(1);
+  auto out = at::empty({1, R, N}, x.options());
+  auto src = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "to_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    exoticnorm::transpose_into(src.data_ptr<scalar_t>(), N, C, o);
+    std::fill(o + C * N, o + R * N, scalar_t(0));
+  });
+  return out;
+}
+
+// The first C rows of (1, R, N) as (N, C).
+torch::Tensor from_rows(const torch::Tensor& rows, int64_t C) {
+  const int64_t N = rows.size(2);
+  auto out = at::empty({N, C}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "from_rows",
+                             [&] { exoticnorm::transpose_into(rows.data_ptr<scalar_t>(), C, N, out.data_ptr<scalar_t>()); });
+  return out;
+}
+
 }  // namespace
 
-// Spatial input x (N, C, *s), groups of c dividing C, fixed shrinkage rho >= 0, W sparsified to
-// `density` (1: not): {y (x's shape, a new tensor), mean (G, c), cov (G, c, c), W, rho (G,), then what
-// backward takes: x as (N, C, S), A, U, s and, when sparsified, its four (Map::sparse)}.
-std::vector<torch::Tensor> zca_forward(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
-                                       double shrink, double density) {
-  const int64_t N = x.size(0), C = x.size(1), G = C / c;
-  auto x3 = x.reshape({N, C, -1}).contiguous();
+// x3 (N, C, S) contiguous, groups of c dividing C, shrinkage rho >= 0 or Ledoit-Wolf's (shrink < 0), W
+// sparsified to `density` (1: not); gamma and beta have `channels` <= C entries (the rest: padding).
+// Returns {y (a new tensor of shape `shape`, x3's size), mean (G, c), cov (G, c, c), W, rho (G,), then what backward takes: x3, A, U, s
+// and, when sparsified, its four (Map::sparse)}.
+std::vector<torch::Tensor> zca_forward_rows(const torch::Tensor& x3, const OptTensor& weight, const OptTensor& bias,
+                                            int64_t c, double eps, double shrink, double density, int64_t channels,
+                                            at::IntArrayRef shape) {
   check_x(x3, c);
+  const int64_t N = x3.size(0), C = x3.size(1), G = C / c;
   auto shift = x3[0].mean(-1).view({G, c});
   const double M = double(N * x3.size(2));
-  auto cov = at::empty({G, c, c}, x.options().dtype(torch::kFloat64));
-  auto mean = at::empty({G, c}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "zca_forward", [&] {
+  auto cov = at::empty({G, c, c}, x3.options().dtype(torch::kFloat64));
+  auto mean = at::empty({G, c}, x3.options());
+  AT_DISPATCH_FLOATING_TYPES(x3.scalar_type(), "zca_forward", [&] {
     const scalar_t* sh = shift.data_ptr<scalar_t>();
     auto sums = all_block_sums<scalar_t>(x3, x3, sh, sh, c, true);
     const double* t = sums.data_ptr<double>();
@@ -702,20 +784,28 @@ std::vector<torch::Tensor> zca_forward(torch::Tensor x, OptTensor weight, OptTen
         for (int64_t j = 0; j < c; ++j) cv[(g * c + i) * c + j] = tg[c + i * c + j] / M - (tg[i] / M) * (tg[j] / M);
     }
   });
-  auto rho = at::full({G}, shrink, x.options());
-  auto map = zca_map(cov, rho, eps, weight, bias, x.scalar_type(), C, density);
-  auto y = at::empty(x.sizes(), x3.options());
+  auto rho = shrink < 0 ? ledoit_wolf_rows(x3, mean, cov) : at::full({G}, shrink, x3.options());
+  auto map = zca_map(cov, rho, eps, weight, bias, x3.scalar_type(), channels, density);
+  auto y = at::empty(shape, x3.options());  // not a view: the output may be modified in place
   affine(x3, map.a, mean, map.b, c, y.view(x3.sizes()));
-  std::vector<torch::Tensor> out{y, mean, cov.to(x.scalar_type()), map.w, rho, x3, map.a, map.u, map.s};
+  std::vector<torch::Tensor> out{y, mean, cov.to(x3.scalar_type()), map.w, rho, x3, map.a, map.u, map.s};
   out.insert(out.end(), map.sparse.begin(), map.sparse.end());
   return out;
 }
 
-// The backward of zca_forward: {dx (x's shape), dgamma (G, c) or undefined, dbeta (G, c) or undefined}.
+// Spatial input x (N, C, *s), groups of c dividing C, fixed shrinkage: zca_forward_rows, y in x's shape.
+std::vector<torch::Tensor> zca_forward(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
+                                       double shrink, double density) {
+  return zca_forward_rows(x.reshape({x.size(0), x.size(1), -1}).contiguous(), weight, bias, c, eps, shrink, density,
+                          x.size(1), x.sizes());
+}
+
+// The backward of zca_forward(_rows): {dx (gy's shape), dgamma (G, c) or undefined, dbeta (G, c) or
+// undefined}; gamma has `channels` entries.
 std::vector<torch::Tensor> zca_backward(torch::Tensor gy, torch::Tensor x3, torch::Tensor mean, torch::Tensor w,
                                         torch::Tensor rho, torch::Tensor a, torch::Tensor u, torch::Tensor s,
                                         OptTensor weight, int64_t c, bool want_weight, bool want_bias,
-                                        std::vector<torch::Tensor> sparse) {
+                                        std::vector<torch::Tensor> sparse, int64_t channels) {
   auto gy3 = gy.to(x3.scalar_type()).reshape(x3.sizes()).contiguous();
   const int64_t G = x3.size(1) / c;
   const double M = double(x3.size(0) * x3.size(2));
@@ -731,7 +821,7 @@ std::vector<torch::Tensor> zca_backward(torch::Tensor gy, torch::Tensor x3, torc
       std::memcpy(ga.data_ptr<double>() + g * c * c, t + g * (c + c * c) + c, sizeof(double) * c * c);
     }
   });
-  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s, sparse}, rho, weight, want_weight, x3.size(1));
+  auto back = zca_map_backward(ga, {w, a, torch::Tensor(), u, s, sparse}, rho, weight, want_weight, channels);
   auto gcov = back.first.contiguous();
   auto ac = a.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x3.scalar_type(), "zca_backward_maps", [&] {  // P = A^T, Q = (dS + dS^T)/M, v = -A^T db / M
@@ -760,10 +850,18 @@ std::vector<torch::Tensor> zca_backward(torch::Tensor gy, torch::Tensor x3, torc
 
 // (N, C) input in groups of c (the last zero-padded), shrinkage rho >= 0 or Ledoit-Wolf's (shrink < 0):
 // {y (N, C), mean (G, c), cov (G, c, c), W, rho (G,), then what backward takes: xc (N, G, c), A, U, s
-// and, when sparsified to `density` < 1, its four}.
+// and, when sparsified to `density` < 1, its four}. Groups of up to kSmall channels go as rows through
+// zca_forward_rows instead (x saved as rows (1, G c, N)): the passes and their loops replace ~15 small
+// ATen ops (pads, permutes, copies, batched GEMMs of c x c), which cost more than the arithmetic there.
 std::vector<torch::Tensor> zca_forward_flat(torch::Tensor x, OptTensor weight, OptTensor bias, int64_t c, double eps,
                                             double shrink, double density) {
   const int64_t N = x.size(0), C = x.size(1), G = (C + c - 1) / c;
+  if (c <= kSmall) {  // as rows through the spatial passes (x as saved: rows (1, G c, N))
+    auto rows = to_rows(x, G * c);
+    auto out = zca_forward_rows(rows, weight, bias, c, eps, shrink, density, C, rows.sizes());
+    out[0] = from_rows(out[0], C);
+    return out;
+  }
   auto xp = G * c > C ? at::constant_pad_nd(x, {0, G * c - C}) : x;
   auto xv = xp.reshape({N, G, c});
   auto mean = xv.mean(0);
@@ -827,6 +925,7 @@ class ZCAStepFunction : public torch::autograd::Function<ZCAStepFunction> {
     saved.insert(saved.end(), out.begin() + 5, out.end());  // x (or xc), A, U, s, and the sparse four
     ctx->save_for_backward(saved);
     ctx->saved_data["flat"] = flat;
+    ctx->saved_data["rows"] = flat && c <= kSmall;  // zca_forward_flat's small groups: x saved as rows
     ctx->saved_data["c"] = c;
     ctx->saved_data["has_weight"] = weight.has_value() && weight->defined();
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
@@ -851,13 +950,18 @@ class ZCAStepFunction : public torch::autograd::Function<ZCAStepFunction> {
     OptTensor weight = saved[3].defined() ? OptTensor(saved[3]) : OptTensor();
     std::vector<torch::Tensor> sparse(saved.begin() + 8, saved.end());
     std::vector<torch::Tensor> back;
-    if (ctx->saved_data["flat"].toBool())
+    const int64_t C = grad.size(1), c = ctx->saved_data["c"].toInt();
+    if (ctx->saved_data["rows"].toBool()) {
+      back = zca_backward(to_rows(grad.to(saved[4].scalar_type()), saved[4].size(1)), saved[4], saved[0], saved[1],
+                          saved[2], saved[5], saved[6], saved[7], weight, c, want_weight, want_bias, sparse, C);
+      back[0] = from_rows(back[0], C);
+    } else if (ctx->saved_data["flat"].toBool()) {
       back = zca_backward_flat(grad, saved[4], saved[1], saved[2], saved[5], saved[6], saved[7], weight, want_weight,
                                want_bias, sparse);
-    else
-      back = zca_backward(grad, saved[4], saved[0], saved[1], saved[2], saved[5], saved[6], saved[7], weight,
-                          ctx->saved_data["c"].toInt(), want_weight, want_bias, sparse);
-    const int64_t C = grad.size(1);
+    } else {
+      back = zca_backward(grad, saved[4], saved[0], saved[1], saved[2], saved[5], saved[6], saved[7], weight, c,
+                          want_weight, want_bias, sparse, C);
+    }
     result[0] = back[0];
     if (want_weight) result[1] = back[1].flatten().narrow(0, 0, C);
     if (want_bias) result[2] = back[2].flatten().narrow(0, 0, C);
