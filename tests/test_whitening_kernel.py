@@ -244,20 +244,29 @@ def test_module_step_moves_running_statistics_as_the_torch_path(monkeypatch, cas
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-def test_module_step_updates_low_precision_buffers():
-    """Buffers kept in another dtype than the input (float16 here) move as the Python update would."""
+@pytest.mark.parametrize("layout", ["float16", "strided"])
+def test_module_step_updates_buffers_of_another_dtype_or_layout(layout):
+    """Buffers kept in another dtype than the input (float16), or strided (as load_state_dict(assign=True)
+    can leave them), move in the C++ step as the Python update would."""
     x = torch.randn(16, 6, 4, 4, generator=torch.Generator().manual_seed(3))
     ours, ref = en.ZCANorm(6), en.ZCANorm(6)
     for norm in (ours, ref):
         for name in ("running_mean", "running_cov", "running_shrinkage", "running_whitening"):
-            setattr(norm, name, getattr(norm, name).half())
+            value = getattr(norm, name)
+            if layout == "float16":
+                setattr(norm, name, value.half())
+            elif value.ndim == 3:  # the same values, transposed in memory
+                setattr(norm, name, value.mT.contiguous().mT)
+    assert layout == "float16" or not ours.running_cov.is_contiguous()
     ours(x)
     _, mean, cov, w, rho, count = ref._stage(x, 6, ref.weight, ref.bias, None)
+    tol = dict(rtol=2e-3, atol=1e-3) if layout == "float16" else dict(rtol=1e-6, atol=1e-7)
     for name, value in (("running_mean", mean.flatten()), ("running_cov", cov * count / (count - 1)),
                         ("running_shrinkage", rho), ("running_whitening", w)):
         expected = getattr(ref, name).float().lerp(value.float(), 0.1)
-        assert getattr(ours, name).dtype == torch.float16
-        torch.testing.assert_close(getattr(ours, name).float(), expected, rtol=2e-3, atol=1e-3, msg=name)
+        assert getattr(ours, name).dtype == getattr(ref, name).dtype
+        torch.testing.assert_close(getattr(ours, name).float(), expected, **tol, msg=name)
+    assert int(ours.num_batches_tracked) == 1
 
 
 CHECKPOINTED = """

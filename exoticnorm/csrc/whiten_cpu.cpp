@@ -988,26 +988,28 @@ void update_running(const std::vector<torch::Tensor>& running, const std::vector
                     double momentum) {
   TORCH_CHECK(running.size() == 5, "running statistics: mean, cov, shrinkage, whitening, num_batches_tracked");
   const auto& nbt = running[4];
-  TORCH_CHECK(nbt.scalar_type() == torch::kLong && nbt.numel() == 1 && nbt.device().is_cpu(),
-              "num_batches_tracked must be a CPU long scalar");
+  TORCH_CHECK(nbt.numel() == 1 && nbt.device().is_cpu(), "num_batches_tracked must be a CPU scalar");
   const int64_t C = running[0].numel();
   const torch::Tensor batch[4] = {out[1], out[2], out[4], out[3]};  // mean, cov, rho, W
   for (int k = 0; k < 4; ++k)
-    TORCH_CHECK(running[k].device().is_cpu() && running[k].is_contiguous() && batch[k].is_contiguous() &&
+    TORCH_CHECK(running[k].device().is_cpu() && batch[k].is_contiguous() &&
                     running[k].numel() == (k == 0 ? std::min(C, batch[k].numel()) : batch[k].numel()),
                 "running statistic ", k, " does not match the batch's");
-  nbt.data_ptr<int64_t>()[0] += 1;
-  torch::autograd::impl::bump_version(nbt);
-  const double f = momentum < 0 ? 1.0 / double(nbt.data_ptr<int64_t>()[0]) : momentum;
+  nbt.add_(1);
+  const double f = momentum < 0 ? 1.0 / double(nbt.item<int64_t>()) : momentum;
   for (int k = 0; k < 4; ++k) {
     const auto& r = running[k];
+    auto dst = r.is_contiguous() ? r : r.contiguous();  // a strided buffer (e.g. loaded with assign=True)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "update_running", [&] {
       using R = scalar_t;
       AT_DISPATCH_FLOATING_TYPES(batch[k].scalar_type(), "update_running_batch", [&] {
-        lerp_into<R, scalar_t>(r.data_ptr<R>(), batch[k].data_ptr<scalar_t>(), r.numel(), f, k == 1 ? M / (M - 1) : 1.0);
+        lerp_into<R, scalar_t>(dst.data_ptr<R>(), batch[k].data_ptr<scalar_t>(), r.numel(), f, k == 1 ? M / (M - 1) : 1.0);
       });
     });
-    torch::autograd::impl::bump_version(r);
+    if (dst.is_same(r))
+      torch::autograd::impl::bump_version(r);
+    else
+      r.copy_(dst);
   }
 }
 
