@@ -92,24 +92,24 @@ class PITNorm(RunningStatsNorm):
         if hasattr(self, "sketch"):
             self.sketch.reset()
 
-    def _batch_sketch(self, x3: Tensor) -> tuple[QuantileSketch, bool]:
+    def _batch_sketch(self, x: Tensor) -> tuple[QuantileSketch, bool]:
         """The sketch whose grid the batch is counted on (a private one without running stats)
-        and whether it was fresh; a fresh grid is first set from this batch's moments."""
+        and whether it was fresh; a fresh grid is first set from this batch's moments (x: (N, C, *))."""
         sketch = self.sketch if self.track_running_stats else QuantileSketch(
-            self.num_features, self.bins, None, device=x3.device)
+            self.num_features, self.bins, None, device=x.device)
         fresh = not bool(sketch.ready.all())
         if fresh:
-            sketch.follow(x3, dim=1)
+            sketch.follow(x, dim=1)
         return sketch, fresh
 
-    def _kernel_step(self, kernel, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        """The single-process training transform as one C++ autograd Function: counts, tables,
-        the sketch's update (the batch is counted on the current grid, then the grid follows the
-        batch's moments) and y."""
-        sketch, fresh = self._batch_sketch(x3)
+    def _kernel_step(self, kernel, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """The single-process training transform of x (N, C, *) as one C++ autograd Function:
+        counts, tables, the sketch's update (the batch is counted on the current grid, then the
+        grid follows the batch's moments and moves where it drifted) and y."""
+        sketch, fresh = self._batch_sketch(x)
         momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
         return kernel.step(
-            x3, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
+            x, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
             sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, self.bins, self.output == "normal",
             self.tail, self.smoothing, momentum, sketch.regrid_shift, self.training and self.track_running_stats,
             not fresh)
@@ -158,30 +158,31 @@ class PITNorm(RunningStatsNorm):
                                   self.output, self.tail, self.smoothing)
         return cdf.apply_tables(x3, t, flat, bottom, tables, weight, bias)
 
-    def _train_transform(self, x3: Tensor) -> Tensor:
-        """The training transform of x3 (N, C, S): fused on the CPU, torch ops elsewhere. The
-        passes want each channel's values contiguous: (N, C) input (S = 1) is transposed into
-        one row per channel, by the single-process C++ step itself, else here."""
+    def _train_transform(self, x: Tensor) -> Tensor:
+        """The training transform of x (N, C, *): fused on the CPU, torch ops elsewhere, on x as
+        (N, C, S). The passes want each channel's values contiguous: (N, C) input (S = 1) is
+        transposed into one row per channel, by the single-process C++ step itself, else here."""
         if self.affine:
             weight, bias = self.weight, self.bias
-            if weight.dtype != x3.dtype:
-                weight, bias = weight.to(x3.dtype), bias.to(x3.dtype)
+            if weight.dtype != x.dtype:
+                weight, bias = weight.to(x.dtype), bias.to(x.dtype)
         else:
-            weight, bias = x3.new_ones(self.num_features), x3.new_zeros(self.num_features)
-        kernel = pit_cpu() if x3.device.type == "cpu" and self.sketch.cdf.dtype in _KERNEL_DTYPES else None
+            weight, bias = x.new_ones(self.num_features), x.new_zeros(self.num_features)
+        kernel = pit_cpu() if x.device.type == "cpu" and self.sketch.cdf.dtype in _KERNEL_DTYPES else None
         if kernel is not None and not synced():
-            return self._kernel_step(kernel, x3, weight, bias)
+            return self._kernel_step(kernel, x, weight, bias)
+        x3 = (x.flatten(2) if x.ndim > 2 else x.unsqueeze(2)).contiguous()  # (N, C, S)
         columns = x3.shape[2] == 1
         if columns:
             x3 = rearrange(x3, "n c 1 -> 1 c n").contiguous()
         y3 = (self._kernel_forward if kernel is not None else self._torch_forward)(x3, weight, bias)
-        return rearrange(y3, "1 c n -> n c 1") if columns else y3
+        return (rearrange(y3, "1 c n -> n c 1") if columns else y3).reshape(x.shape)
 
     @torch.compiler.disable
-    def _eager_train_transform(self, x3: Tensor) -> Tensor:
+    def _eager_train_transform(self, x: Tensor) -> Tensor:
         """``_train_transform`` as a graph break under torch.compile (data-dependent tables and a
         C++ kernel run eagerly). (Eager calls skip this wrapper's few µs.)"""
-        return self._train_transform(x3)
+        return self._train_transform(x)
 
     def _normalize(self, x: Tensor) -> Tensor:
         if x.device.type == "meta":  # shapes only: no statistics to read or update
@@ -191,9 +192,8 @@ class PITNorm(RunningStatsNorm):
         with EF.autocast_off(x):
             xs = x.to(dtype)
             if self.uses_batch_stats:
-                x3 = (xs.flatten(2) if xs.ndim > 2 else xs.unsqueeze(2)).contiguous()  # (N, C, S)
                 train = self._eager_train_transform if torch.compiler.is_compiling() else self._train_transform
-                return train(x3).reshape(xs.shape).to(x.dtype)
+                return train(xs).to(x.dtype)
             xc = xs.movedim(1, 0)  # channels first
             t = self.sketch.position(xc)
             f = self.sketch.cdf_at(xc, t)

@@ -863,9 +863,10 @@ torch::Tensor transposed(const torch::Tensor& x, bool rows) {
   return out;
 }
 
-// Inputs: x (N, C, S), gamma, beta, the sketch's center, scale, cdf, weight, mean, var, ready, nonfinite,
+// Inputs: x (N, C, *), gamma, beta, the sketch's center, scale, cdf, weight, mean, var, ready, nonfinite,
 // atom, atom_mass, then K, normal, tail, smoothing, momentum (< 0: cumulative), shift, observe, follow.
-// (N, C, 1) input runs as channel rows (1, C, N).
+// x runs as (N, C, S) (a view inside: no reshape nodes in the caller's graph), and (N, C) input as
+// channel rows (1, C, N).
 class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
  public:
   static torch::autograd::variable_list forward(
@@ -875,17 +876,19 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
       int64_t K, bool normal, double tail, double smoothing, double momentum, double shift, bool observe,
       bool do_follow, bool keep) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    const bool columns = x.dim() == 3 && x.size(2) == 1 && x.size(0) > 1;
-    auto out = ::forward(columns ? transposed(x, true) : x, center, scale, K, normal, tail, smoothing, cdf, seen, mean,
+    auto x3 = x.reshape({x.size(0), x.size(1), -1}).contiguous();
+    const bool columns = x3.size(2) == 1 && x3.size(0) > 1;
+    auto out = ::forward(columns ? transposed(x3, true) : x3, center, scale, K, normal, tail, smoothing, cdf, seen, mean,
                          var, ready, momentum, shift, observe, do_follow, weight, bias, keep);
-    if (columns) out[0] = transposed(out[0], false);
+    // y in x's shape, not a view (the caller may modify it in place)
+    out[0] = at::_unsafe_view(columns ? transposed(out[0], false) : out[0], x.sizes());
     ctx->saved_data["columns"] = columns;
     // out: y, the grid copy (center, scale), lo, span, tie, atom, slope, extras, g, dg/dx
     if (observe) {
       TORCH_CHECK(nonfinite.is_contiguous() && atom.is_contiguous() && atom_mass.is_contiguous() &&
                   nonfinite.scalar_type() == cdf.scalar_type() && atom.scalar_type() == cdf.scalar_type() &&
                   atom_mass.scalar_type() == cdf.scalar_type(), "the sketch's buffers must be of one dtype");
-      const double values = double(x.size(0) * x.size(2));
+      const double values = double(x3.size(0) * x3.size(2));
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_atoms", [&] {
         const double* e = out[8].data_ptr<double>();
         scalar_t* nf = nonfinite.data_ptr<scalar_t>();
@@ -910,9 +913,10 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
     auto v = ctx->get_saved_variables();
     TORCH_CHECK(!v.empty(), "the PIT step kept nothing for a backward: it ran without gradient");
     const bool columns = ctx->saved_data["columns"].toBool();
-    auto g = ::backward_kept(columns ? transposed(grads[0], true) : grads[0].contiguous(), v[0], v[1], v[2]);
-    if (columns) g[0] = transposed(g[0], false);
-    result[0] = g[0];
+    const auto& gy = grads[0];
+    auto gy3 = gy.reshape({gy.size(0), gy.size(1), -1}).contiguous();
+    auto g = ::backward_kept(columns ? transposed(gy3, true) : gy3, v[0], v[1], v[2]);
+    result[0] = (columns ? transposed(g[0], false) : g[0]).view(gy.sizes());
     if (ctx->needs_input_grad(1)) result[1] = g[1];
     if (ctx->needs_input_grad(2)) result[2] = g[2];
     return result;
