@@ -12,8 +12,8 @@ On x86 CPUs where torch's own kernels use AVX2 or AVX-512 the kernel is built wi
 branch-free selects into vector code.
 The instruction set is part of the build's name, so machines of different kinds that share a
 home directory (a cluster) each get their own build, never one their CPU cannot run. So is a
-short hash of the C++ source (and the shared headers), the compiler flags, torch's version and the Python ABI
-(``extension_name("pit_cpu")``, e.g. ``exoticnorm_pit_cpu_avx2_1a2b3c4d5e``): two installs with the same
+short hash of the C++ source (and the shared headers), the compiler flags, torch's version and
+the Python ABI (``extension_name("pit_cpu")``, e.g. ``exoticnorm_pit_cpu_avx2_1a2b3c4d5e``): two installs with the same
 source and torch share one build, and installs that differ never rebuild over each other's.
 """
 

@@ -547,32 +547,32 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
     kept = {at::empty({G, c, c}, reg.options()), at::empty({G, c, c}, reg.options()), at::empty({G, c}, reg.options()),
             reg};
   for_groups(G, c, [&](int64_t begin, int64_t end) {
-  std::vector<S> tmp(c * c), ws(c * c);
-  for (int64_t g = begin; g < end; ++g) {
-    S* sg = s.data_ptr<S>() + g * c;
-    const S* ug = u.data_ptr<S>() + g * c * c;
-    const double top = double(sg[c - 1]);
-    for (int64_t k = 0; k < c; ++k) sg[k] = S(std::sqrt(std::max(std::max(double(sg[k]), top * meps), tiny)));
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t k = 0; k < c; ++k) tmp[i * c + k] = ug[i * c + k] / sg[k];
-    matmul<S>(tmp.data(), false, ug, true, ws.data(), c);  // U diag(1/s) U^T
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < i; ++j) ws[j * c + i] = ws[i * c + j];  // exactly symmetric
-    if (sparse)
-      sparsify_rows<S>(ws.data(), R + g * c * c, density, c, tiny, kept[0].data_ptr<S>() + g * c * c,
-                       kept[1].data_ptr<S>() + g * c * c, kept[2].data_ptr<S>() + g * c);
-    T* wg = w.data_ptr<T>() + g * c * c;
-    T* ag = a.data_ptr<T>() + g * c * c;
-    for (int64_t i = 0; i < c; ++i) {
-      const double gi = gam ? grouped_at(gam, C, g, c, i, 1.0) : 1.0;
-      for (int64_t j = 0; j < c; ++j) {
-        const S v = ws[i * c + j];
-        wg[i * c + j] = T(v);
-        if (gam) ag[i * c + j] = T(double(v) * gi);
+    std::vector<S> tmp(c * c), ws(c * c);
+    for (int64_t g = begin; g < end; ++g) {
+      S* sg = s.data_ptr<S>() + g * c;
+      const S* ug = u.data_ptr<S>() + g * c * c;
+      const double top = double(sg[c - 1]);
+      for (int64_t k = 0; k < c; ++k) sg[k] = S(std::sqrt(std::max(std::max(double(sg[k]), top * meps), tiny)));
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t k = 0; k < c; ++k) tmp[i * c + k] = ug[i * c + k] / sg[k];
+      matmul<S>(tmp.data(), false, ug, true, ws.data(), c);  // U diag(1/s) U^T
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t j = 0; j < i; ++j) ws[j * c + i] = ws[i * c + j];  // exactly symmetric
+      if (sparse)
+        sparsify_rows<S>(ws.data(), R + g * c * c, density, c, tiny, kept[0].data_ptr<S>() + g * c * c,
+                         kept[1].data_ptr<S>() + g * c * c, kept[2].data_ptr<S>() + g * c);
+      T* wg = w.data_ptr<T>() + g * c * c;
+      T* ag = a.data_ptr<T>() + g * c * c;
+      for (int64_t i = 0; i < c; ++i) {
+        const double gi = gam ? grouped_at(gam, C, g, c, i, 1.0) : 1.0;
+        for (int64_t j = 0; j < c; ++j) {
+          const S v = ws[i * c + j];
+          wg[i * c + j] = T(v);
+          if (gam) ag[i * c + j] = T(double(v) * gi);
+        }
+        b.data_ptr<T>()[g * c + i] = T(bet ? grouped_at(bet, C, g, c, i, 0.0) : 0.0);
       }
-      b.data_ptr<T>()[g * c + i] = T(bet ? grouped_at(bet, C, g, c, i, 0.0) : 0.0);
     }
-  }
   });
   return {w, a, b, u, s, kept};
 }
@@ -592,58 +592,58 @@ std::pair<torch::Tensor, torch::Tensor> map_backward(const torch::Tensor& ga, co
   const bool sparse = !map.sparse.empty();
   const double tiny = std::numeric_limits<T>::min();
   for_groups(G, c, [&](int64_t begin, int64_t end) {
-  std::vector<S> sym(c * c), t1(c * c), t2(c * c), gw(c * c), extra(sparse ? c * c : 0), dv(c);
-  for (int64_t g = begin; g < end; ++g) {
-    const S* gag = gad.data_ptr<S>() + g * c * c;
-    const T* wg = wc.data_ptr<T>() + g * c * c;
-    const S* ug = map.u.data_ptr<S>() + g * c * c;
-    const S* sg = map.s.data_ptr<S>() + g * c;
-    if (want_weight)
-      for (int64_t i = 0; i < c; ++i) {
-        double acc = 0;
-        for (int64_t j = 0; j < c; ++j) acc += double(gag[i * c + j]) * double(wg[i * c + j]);
-        gweight.data_ptr<T>()[g * c + i] = T(acc);
+    std::vector<S> sym(c * c), t1(c * c), t2(c * c), gw(c * c), extra(sparse ? c * c : 0), dv(c);
+    for (int64_t g = begin; g < end; ++g) {
+      const S* gag = gad.data_ptr<S>() + g * c * c;
+      const T* wg = wc.data_ptr<T>() + g * c * c;
+      const S* ug = map.u.data_ptr<S>() + g * c * c;
+      const S* sg = map.s.data_ptr<S>() + g * c;
+      if (want_weight)
+        for (int64_t i = 0; i < c; ++i) {
+          double acc = 0;
+          for (int64_t j = 0; j < c; ++j) acc += double(gag[i * c + j]) * double(wg[i * c + j]);
+          gweight.data_ptr<T>()[g * c + i] = T(acc);
+        }
+      for (int64_t i = 0; i < c; ++i) {  // dW = gamma o dA
+        const S gi = gam ? S(grouped_at(gam, C, g, c, i, 1.0)) : S(1);
+        for (int64_t j = 0; j < c; ++j) gw[i * c + j] = gi * gag[i * c + j];
       }
-    for (int64_t i = 0; i < c; ++i) {  // dW = gamma o dA
-      const S gi = gam ? S(grouped_at(gam, C, g, c, i, 1.0)) : S(1);
-      for (int64_t j = 0; j < c; ++j) gw[i * c + j] = gi * gag[i * c + j];
-    }
-    if (sparse) {  // back through W_s = diag(v)^(-1/2) (W o mask): into dW and the extra dSigma_reg
-      const S* mk = map.sparse[0].data_ptr<S>() + g * c * c;
-      const S* wsg = map.sparse[1].data_ptr<S>() + g * c * c;
-      const S* vg = map.sparse[2].data_ptr<S>() + g * c;
-      const S* rg = map.sparse[3].data_ptr<S>() + g * c * c;
-      matmul<S>(wsg, false, rg, false, t1.data(), c);  // W_m Sigma_reg
-      for (int64_t i = 0; i < c; ++i) {
-        const bool clamped = double(vg[i]) < tiny;
-        const double r = 1.0 / std::sqrt(std::max(double(vg[i]), tiny));
-        double dot = 0;
-        for (int64_t j = 0; j < c; ++j) dot += double(gw[i * c + j]) * double(wsg[i * c + j]);
-        dv[i] = clamped ? S(0) : S(-0.5 * r * r * r * dot);
-        for (int64_t j = 0; j < c; ++j)
-          gw[i * c + j] = S((double(gw[i * c + j]) * r + 2 * double(dv[i]) * double(t1[i * c + j])) * double(mk[i * c + j]));
+      if (sparse) {  // back through W_s = diag(v)^(-1/2) (W o mask): into dW and the extra dSigma_reg
+        const S* mk = map.sparse[0].data_ptr<S>() + g * c * c;
+        const S* wsg = map.sparse[1].data_ptr<S>() + g * c * c;
+        const S* vg = map.sparse[2].data_ptr<S>() + g * c;
+        const S* rg = map.sparse[3].data_ptr<S>() + g * c * c;
+        matmul<S>(wsg, false, rg, false, t1.data(), c);  // W_m Sigma_reg
+        for (int64_t i = 0; i < c; ++i) {
+          const bool clamped = double(vg[i]) < tiny;
+          const double r = 1.0 / std::sqrt(std::max(double(vg[i]), tiny));
+          double dot = 0;
+          for (int64_t j = 0; j < c; ++j) dot += double(gw[i * c + j]) * double(wsg[i * c + j]);
+          dv[i] = clamped ? S(0) : S(-0.5 * r * r * r * dot);
+          for (int64_t j = 0; j < c; ++j)
+            gw[i * c + j] = S((double(gw[i * c + j]) * r + 2 * double(dv[i]) * double(t1[i * c + j])) * double(mk[i * c + j]));
+        }
+        for (int64_t k = 0; k < c; ++k)
+          for (int64_t j = 0; j < c; ++j) t2[k * c + j] = dv[k] * wsg[k * c + j];
+        matmul<S>(wsg, true, t2.data(), false, extra.data(), c);  // W_m^T diag(dv) W_m
       }
-      for (int64_t k = 0; k < c; ++k)
-        for (int64_t j = 0; j < c; ++j) t2[k * c + j] = dv[k] * wsg[k * c + j];
-      matmul<S>(wsg, true, t2.data(), false, extra.data(), c);  // W_m^T diag(dv) W_m
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t j = 0; j < c; ++j) sym[i * c + j] = S(0.5) * (gw[i * c + j] + gw[j * c + i]);
+      matmul<S>(ug, true, sym.data(), false, t1.data(), c);  // U^T sym
+      matmul<S>(t1.data(), false, ug, false, t2.data(), c);  // U^T sym U
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t j = 0; j < c; ++j) t2[i * c + j] /= -(sg[i] * sg[j] * (sg[i] + sg[j]));
+      matmul<S>(ug, false, t2.data(), false, t1.data(), c);
+      matmul<S>(t1.data(), false, ug, true, t2.data(), c);  // U (K o U^T sym U) U^T
+      if (sparse)
+        for (int64_t i = 0; i < c * c; ++i) t2[i] += extra[i];
+      double tr = 0;
+      for (int64_t i = 0; i < c; ++i) tr += double(t2[i * c + i]);
+      const double p = rd.data_ptr<double>()[g];
+      T* out = gcov.data_ptr<T>() + g * c * c;
+      for (int64_t i = 0; i < c; ++i)
+        for (int64_t j = 0; j < c; ++j) out[i * c + j] = T(double(t2[i * c + j]) * (1 - p) + (i == j ? p / double(c) * tr : 0.0));
     }
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < c; ++j) sym[i * c + j] = S(0.5) * (gw[i * c + j] + gw[j * c + i]);
-    matmul<S>(ug, true, sym.data(), false, t1.data(), c);  // U^T sym
-    matmul<S>(t1.data(), false, ug, false, t2.data(), c);  // U^T sym U
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < c; ++j) t2[i * c + j] /= -(sg[i] * sg[j] * (sg[i] + sg[j]));
-    matmul<S>(ug, false, t2.data(), false, t1.data(), c);
-    matmul<S>(t1.data(), false, ug, true, t2.data(), c);  // U (K o U^T sym U) U^T
-    if (sparse)
-      for (int64_t i = 0; i < c * c; ++i) t2[i] += extra[i];
-    double tr = 0;
-    for (int64_t i = 0; i < c; ++i) tr += double(t2[i * c + i]);
-    const double p = rd.data_ptr<double>()[g];
-    T* out = gcov.data_ptr<T>() + g * c * c;
-    for (int64_t i = 0; i < c; ++i)
-      for (int64_t j = 0; j < c; ++j) out[i * c + j] = T(double(t2[i * c + j]) * (1 - p) + (i == j ? p / double(c) * tr : 0.0));
-  }
   });
   return {gcov, gweight};
 }
