@@ -417,6 +417,13 @@ void regrid_channel(const Sketch& sk, int64_t c, int64_t K, S new_center, S new_
   scale = new_scale;
 }
 
+// follow_channel, then the grid moved to (running mean, std) where it must.
+template <typename S>
+void follow_and_regrid(const Sketch& sk, int64_t c, int64_t K, double count, double sum, double sumsq) {
+  S sd;
+  if (follow_channel<S>(sk, c, count, sum, sumsq, &sd)) regrid_channel<S>(sk, c, K, sk.mean.data_ptr<S>()[c], sd);
+}
+
 // --- the transform ------------------------------------------------------------------------------
 
 // One channel's transform: a value v at grid position t in bin k maps to
@@ -644,11 +651,7 @@ void follow(torch::Tensor moments, torch::Tensor cdf, torch::Tensor mean, torch:
   const Sketch sk{cdf, weight, mean, var, center, scale, ready, momentum, shift};
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "pit_follow", [&] {
     const double* mp = moments.data_ptr<double>();
-    for (int64_t c = 0; c < C; ++c) {
-      scalar_t sd;
-      if (follow_channel<scalar_t>(sk, c, mp[c], mp[C + c], mp[2 * C + c], &sd))
-        regrid_channel<scalar_t>(sk, c, K, sk.mean.data_ptr<scalar_t>()[c], sd);
-    }
+    for (int64_t c = 0; c < C; ++c) follow_and_regrid<scalar_t>(sk, c, K, mp[c], mp[C + c], mp[2 * C + c]);
   });
   ready.fill_(true);
 }
@@ -695,7 +698,6 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     gs = torch::empty_like(x);
     ds = torch::empty_like(x);
   }
-  auto stdev = scale.clone();  // follow's std per channel: a moving grid's new scale
   auto extras = torch::empty({3, C}, x.options().dtype(torch::kFloat64));
   double* ep = extras.data_ptr<double>();
   const Sketch sk{cdf, sketch_weight, mean, var, center, scale, ready, momentum, shift};
@@ -723,8 +725,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
       tab.classify(c);
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
         if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, cn.finite);
-        if (do_follow && follow_channel<scalar_t>(sk, c, cn.finite, cn.sum(), cn.sumsq(), stdev.data_ptr<scalar_t>() + c))
-          regrid_channel<scalar_t>(sk, c, K, sk.mean.data_ptr<scalar_t>()[c], stdev.data_ptr<scalar_t>()[c]);
+        if (do_follow) follow_and_regrid<scalar_t>(sk, c, K, cn.finite, cn.sum(), cn.sumsq());
       });
       if (B == 1) apply_rows(tab, xp, C, S, c, 0, N, wp[c], bp[c], yp, gsp, dsp);  // its values still in cache
     });
