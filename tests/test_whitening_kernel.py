@@ -147,6 +147,52 @@ def test_sparse_zca_step_equals_torch_ops_in_float64(shape, c, shrinkage, plan, 
     assert torch.equal(kept, kept.mT)
 
 
+def _degenerate(kind, n, channels, gen):
+    x = torch.randn(n, channels, dtype=torch.float64, generator=gen)
+    if kind == "duplicates":  # pairs of equal channels: repeated eigenvalues of the shrunk covariance
+        x[:, 1::2] = x[:, 0::2]
+    elif kind == "constant":  # channels without variance
+        x[:, :3] = 2.5
+    elif kind == "scaled":  # eigenvalues over 12 decades
+        x = x * torch.logspace(-6, 6, channels, dtype=torch.float64)
+    return x
+
+
+@pytest.mark.parametrize("kind", ["duplicates", "constant", "scaled", "random"])
+@pytest.mark.parametrize("c", [1, 2, 5, 16, 32])
+def test_zca_step_small_eigh_matches_lapack_on_hard_covariances(kind, c):
+    """The c x c maps up to 32 channels use csrc/small_eigh.h (Householder + implicit QR steps)
+    instead of LAPACK: W, y and the gradients match the torch ops (torch.linalg.eigh) in float64
+    on repeated, zero and widely spread eigenvalues."""
+    gen = torch.Generator().manual_seed(c)
+    channels = 2 * c if c > 1 else 4
+    x = _degenerate(kind, 64, channels, gen)
+    weight, bias, g = (torch.randn(s, dtype=torch.float64, generator=gen) for s in (channels, channels, x.shape))
+    spec = W.WhiteningSpec(shrinkage=0.1, method="eigh")
+    out = {}
+    for name in ("torch", "step"):
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, weight, bias))
+        if name == "torch":
+            y, _, _, w, *_ = W.WhitenBatch.apply(xs, ws, bs, c, spec)
+        else:
+            y, _, _, w, _ = zca_step(xs, ws, bs, c, spec.eps, 0.1, True)
+        (y * g).sum().backward()
+        out[name] = dict(y=y, w=w, gx=xs.grad, gw=ws.grad, gb=bs.grad)
+    for key, ref in out["torch"].items():
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(out["step"][key].reshape(ref.shape), ref, rtol=1e-9, atol=1e-10 * max(1.0, scale),
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def test_zca_step_non_finite_input_raises_as_lapack():
+    """NaN in a batch: the small solver declines and LAPACK's error reaches the norm (which then
+    retries with the torch ops, see test_whitening.test_eigh_failure_falls_back_with_warning)."""
+    x = torch.randn(32, 8, dtype=torch.float64)
+    x[3, 2] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        zca_step(x, None, None, 4, 1e-5, 0.1, True)
+
+
 @pytest.mark.parametrize("affine", [(False, False), (True, False), (False, True)])
 def test_zca_step_without_affine_parts(affine):
     for shape, c, plan in (((8, 6, 4, 4), 3, "spatial"), ((50, 7), 7, "flat")):

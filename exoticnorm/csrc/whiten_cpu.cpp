@@ -11,10 +11,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "small_eigh.h"
 #include "transpose.h"
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -388,8 +390,8 @@ torch::Tensor grad_input(torch::Tensor gy, torch::Tensor x, torch::Tensor p, tor
 //   dSigma_reg = U (K o U^T sym(dW) U) U^T with K_ij = -1 / (s_i s_j (s_i + s_j)) (Daleckii-Krein,
 //   finite at repeated eigenvalues), dSigma = (1 - rho) dSigma_reg + rho/c tr(dSigma_reg) I.
 //
-// The map's c x c work is plain loops, and its products are loops up to kSmall channels per group
-// (in double) or BLAS above (in the input's dtype); eigh is one batched LAPACK call.
+// The map's c x c work is plain loops, and its products and eigendecompositions (small_eigh.h) are
+// loops up to kSmall channels per group (in double); above, BLAS and LAPACK in the input's dtype.
 namespace {
 
 using OptTensor = c10::optional<torch::Tensor>;
@@ -496,6 +498,27 @@ void sparsify_rows(S* w, const S* reg, double density, int64_t c, double tiny, S
   }
 }
 
+// s (G, c), u (G, c, c) of reg (G, c, c) by LAPACK (through torch), the groups spread over the threads.
+void lapack_eigh(const torch::Tensor& reg, torch::Tensor& s, torch::Tensor& u) {
+  const int64_t G = reg.size(0);
+  if (G == 1) {
+    auto eig = at::linalg_eigh(reg);
+    s = std::get<0>(eig).contiguous();
+    u = std::get<1>(eig).contiguous();
+    return;
+  }
+  // The workers run in inference mode: nothing here is recorded by autograd (this Function owns the
+  // gradient), and writes into the caller's buffers are allowed whether or not the caller is in
+  // inference mode. Not the caller's whole thread-local state: that can hold Python objects (saved
+  // tensor hooks of torch.utils.checkpoint) whose copy takes the GIL, held by the waiting caller.
+  at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
+    c10::InferenceMode no_autograd;
+    auto eig = at::linalg_eigh(reg.slice(0, begin, end));  // one batched call per thread
+    s.slice(0, begin, end).copy_(std::get<0>(eig));
+    u.slice(0, begin, end).copy_(std::get<1>(eig));
+  });
+}
+
 // The map of the comment above, from the biased covariance (G, c, c) (any float dtype) and rho (G,),
 // with gamma, beta (C,) of dtype T.
 template <typename T, typename S>
@@ -516,25 +539,18 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
     for (int64_t i = 0; i < c * c; ++i) r[i] = S(double(r[i]) * (1 - p));
     for (int64_t i = 0; i < c; ++i) r[i * c + i] += S(p * m + eps);
   }
-  torch::Tensor s, u;
-  if (G == 1) {
-    auto eig = at::linalg_eigh(reg);
-    s = std::get<0>(eig).contiguous();
-    u = std::get<1>(eig).contiguous();
-  } else {  // the groups' decompositions spread over the threads
-    s = at::empty({G, c}, reg.options());
-    u = at::empty({G, c, c}, reg.options());
-    // The workers run in inference mode: nothing here is recorded by autograd (this Function owns the
-    // gradient), and writes into the caller's buffers are allowed whether or not the caller is in
-    // inference mode. Not the caller's whole thread-local state: that can hold Python objects (saved
-    // tensor hooks of torch.utils.checkpoint) whose copy takes the GIL, held by the waiting caller.
-    at::parallel_for(0, G, 1, [&](int64_t begin, int64_t end) {
-      c10::InferenceMode no_autograd;
-      auto eig = at::linalg_eigh(reg.slice(0, begin, end));  // one batched call per thread
-      s.slice(0, begin, end).copy_(std::get<0>(eig));
-      u.slice(0, begin, end).copy_(std::get<1>(eig));
+  torch::Tensor s = at::empty({G, c}, reg.options()), u = at::empty({G, c, c}, reg.options());
+  std::atomic<bool> solved{c <= exoticnorm::kSmallEigh};
+  if (solved)  // small groups: plain loops, spread over the threads
+    for_groups(G, c, [&](int64_t begin, int64_t end) {
+      std::vector<S> work(c * c);
+      for (int64_t g = begin; g < end && solved; ++g) {
+        std::copy(R + g * c * c, R + (g + 1) * c * c, work.begin());
+        if (!exoticnorm::small_eigh<S>(work.data(), c, s.data_ptr<S>() + g * c, u.data_ptr<S>() + g * c * c))
+          solved = false;
+      }
     });
-  }
+  if (!solved) lapack_eigh(reg, s, u);  // large groups, or what the loops could not solve (NaN, inf)
   at::TensorOptions topt = cov.options().dtype(dtype_of<T>());
   auto w = at::empty({G, c, c}, topt);
   auto a = weight ? at::empty({G, c, c}, topt) : w;
@@ -733,6 +749,34 @@ torch::Tensor ledoit_wolf_rows(const torch::Tensor& x3, const torch::Tensor& mea
   return rho;
 }
 
+// The mean of each of `rows` rows of S values (float sums over chunks, double across).
+template <typename T>
+void row_means(const T* x, int64_t rows, int64_t S, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * S;
+    double acc = 0;
+    for (int64_t s0 = 0; s0 < S; s0 += 512) {
+      const int64_t s1 = std::min(S, s0 + 512);
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t s = s0; s < s1; ++s) sum += row[s];
+      acc += double(sum);
+    }
+    out[r] = T(acc / double(S));
+  }
+}
+
+// The mean of each row of x3[0] (C, S) as (G, c): the shift of the moments' sums (a value near the
+// data keeps them free of cancellation; the first sample is at hand). A plain loop: torch's mean of a
+// (128, 256) float tensor took ~20 us here.
+torch::Tensor first_sample_means(const torch::Tensor& x3, int64_t G, int64_t c) {
+  auto out = at::empty({G, c}, x3.options());
+  AT_DISPATCH_FLOATING_TYPES(x3.scalar_type(), "first_sample_means", [&] {
+    row_means<scalar_t>(x3.data_ptr<scalar_t>(), G * c, x3.size(2), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
 // (N, C) as rows (1, R, N), one per channel (zero rows from C on: the padding of a short last group),
 // so that small groups of (N, C) input run through the spatial passes as one sample of N positions.
 torch::Tensor to_rows(const torch::Tensor& x, int64_t R) {
@@ -767,7 +811,7 @@ std::vector<torch::Tensor> zca_forward_rows(const torch::Tensor& x3, const OptTe
                                             at::IntArrayRef shape) {
   check_x(x3, c);
   const int64_t N = x3.size(0), C = x3.size(1), G = C / c;
-  auto shift = x3[0].mean(-1).view({G, c});
+  auto shift = first_sample_means(x3, G, c);
   const double M = double(N * x3.size(2));
   auto cov = at::empty({G, c, c}, x3.options().dtype(torch::kFloat64));
   auto mean = at::empty({G, c}, x3.options());
