@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -540,8 +541,8 @@ Map map_forward(const torch::Tensor& cov, const torch::Tensor& rho, double eps, 
     for (int64_t i = 0; i < c; ++i) r[i * c + i] += S(p * m + eps);
   }
   torch::Tensor s = at::empty({G, c}, reg.options()), u = at::empty({G, c, c}, reg.options());
-  std::atomic<bool> solved{c <= exoticnorm::kSmallEigh};
-  if (solved)  // small groups: plain loops, spread over the threads
+  std::atomic<bool> solved{std::is_same_v<S, double> && c <= exoticnorm::kSmallEigh};
+  if (solved)  // small groups: plain loops in double, spread over the threads
     for_groups(G, c, [&](int64_t begin, int64_t end) {
       std::vector<S> work(c * c);
       for (int64_t g = begin; g < end && solved; ++g) {
