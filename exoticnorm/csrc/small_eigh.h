@@ -23,12 +23,27 @@ constexpr int64_t kSmallEigh = 32;
 
 // a (n x n, row-major, symmetric; overwritten): w ascending, u (n x n, row-major) with column k the unit
 // eigenvector of w[k]. False (w, u unset) for non-finite input, n > kSmallEigh, or QR steps that do not
-// converge in 30 n; the caller then uses LAPACK.
+// converge in 30 n; the caller then uses LAPACK. Any finite scale (1e-300 to 1e300) is taken: A is
+// scaled by a power of two first, and sums of squares that could underflow go through hypot.
 template <typename S>
 bool small_eigh(S* a, int64_t n, S* w, S* u) {
   if (n < 1 || n > kSmallEigh) return false;
-  for (int64_t i = 0; i < n * n; ++i)
+  S amax = 0;
+  for (int64_t i = 0; i < n * n; ++i) {
     if (!std::isfinite(a[i])) return false;
+    amax = std::max(amax, std::abs(a[i]));
+  }
+  // A 2^-scale A with its largest entry in [1, 2) (exact): no square below over- or underflows
+  // for the matrix's own scale; w is scaled back at the end.
+  const int scale = amax > S(0) ? std::ilogb(amax) : 0;
+  if (scale != 0)
+    for (int64_t i = 0; i < n * n; ++i) a[i] = std::ldexp(a[i], -scale);
+  const S eps = std::numeric_limits<S>::epsilon(), tiny = std::numeric_limits<S>::min();
+  const S small = std::sqrt(tiny) / eps;  // below it, a sum of two squares may lose bits to underflow
+  const auto norm2 = [small](S f, S g) {  // sqrt(f^2 + g^2)
+    const S r = std::sqrt(f * f + g * g);
+    return r < small ? std::hypot(f, g) : r;
+  };
   S d[kSmallEigh], e[kSmallEigh], v[kSmallEigh], p[kSmallEigh];
   S q[kSmallEigh * kSmallEigh], zt[kSmallEigh * kSmallEigh];
   std::fill(q, q + n * n, S(0));
@@ -39,7 +54,7 @@ bool small_eigh(S* a, int64_t n, S* w, S* u) {
     d[k] = a[k * n + k];
     S tail = 0;
     for (int64_t i = 1; i < m; ++i) tail += x[i] * x[i];
-    if (tail == S(0)) {  // this column is already tridiagonal
+    if (tail == S(0) || tail + x[0] * x[0] < small * small) {  // tridiagonal here, or |column| < ~1e-138
       e[k] = x[0];
       continue;
     }
@@ -76,7 +91,6 @@ bool small_eigh(S* a, int64_t n, S* w, S* u) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) zt[i * n + j] = q[j * n + i];
 
-  const S eps = std::numeric_limits<S>::epsilon(), tiny = std::numeric_limits<S>::min();
   int64_t steps = 0, hi = n - 1;
   while (hi > 0) {
     for (int64_t i = 0; i < hi; ++i)
@@ -87,11 +101,11 @@ bool small_eigh(S* a, int64_t n, S* w, S* u) {
     int64_t lo = hi - 1;  // the unreduced block [lo, hi]
     while (lo > 0 && e[lo - 1] != S(0)) --lo;
     const S delta = (d[hi - 1] - d[hi]) / S(2), off = e[hi - 1];
-    const S root = std::sqrt(delta * delta + off * off);
-    const S mu = d[hi] - off * off / (delta + (delta >= S(0) ? root : -root));
+    const S root = norm2(delta, off), denom = delta + (delta >= S(0) ? root : -root);
+    const S mu = denom != S(0) ? d[hi] - off / denom * off : d[hi];
     S x = d[lo] - mu, z = e[lo];
     for (int64_t k = lo; k < hi; ++k) {
-      const S r = std::sqrt(x * x + z * z);
+      const S r = norm2(x, z);
       const S inv = r > S(0) ? S(1) / r : S(0);
       const S c = r > S(0) ? x * inv : S(1), s = z * inv;
       if (k > lo) e[k - 1] = r;
@@ -118,7 +132,7 @@ bool small_eigh(S* a, int64_t n, S* w, S* u) {
   for (int64_t i = 0; i < n; ++i) order[i] = i;
   std::sort(order, order + n, [&](int64_t i, int64_t j) { return d[i] < d[j]; });
   for (int64_t k = 0; k < n; ++k) {
-    w[k] = d[order[k]];
+    w[k] = std::ldexp(d[order[k]], scale);
     const S* row = zt + order[k] * n;
     for (int64_t i = 0; i < n; ++i) u[i * n + k] = row[i];
   }
