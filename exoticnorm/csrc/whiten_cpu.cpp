@@ -51,6 +51,19 @@ struct Accumulators {
   }
 };
 
+// out += sum_s (row[s] - shift) over S values: float sums over chunks of 512 (vectorized), added to
+// out (double) one chunk at a time.
+template <typename T>
+void add_shifted_sum(const T* row, int64_t S, T shift, double& out) {
+  for (int64_t s0 = 0; s0 < S; s0 += 512) {
+    const int64_t s1 = std::min(S, s0 + 512);
+    T sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t s = s0; s < s1; ++s) sum += row[s] - shift;
+    out += double(sum);
+  }
+}
+
 // Multiply-adds below which a pass runs on the calling thread alone (waking the others costs more).
 constexpr int64_t kSerialWork = 1 << 16;
 
@@ -180,14 +193,7 @@ torch::Tensor all_block_sums(const torch::Tensor& a, const torch::Tensor& b, con
         const T* Bn = B + (n * C + g * c) * S;
         for (int64_t i = 0; i < c; ++i) {  // the sums of a
           const T* row = An + i * S;
-          const T shift = sa ? sa[i] : T(0);
-          for (int64_t s0 = 0; s0 < S; s0 += 512) {
-            const int64_t s1 = std::min(S, s0 + 512);
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t s = s0; s < s1; ++s) sum += row[s] - shift;
-            out[i] += double(sum);
-          }
+          add_shifted_sum(row, S, sa ? sa[i] : T(0), out[i]);
         }
         const int64_t vec = S / L * L;
         for (int64_t s0 = 0; s0 < vec; s0 += chunk) {
@@ -750,30 +756,18 @@ torch::Tensor ledoit_wolf_rows(const torch::Tensor& x3, const torch::Tensor& mea
   return rho;
 }
 
-// The mean of each of `rows` rows of S values (float sums over chunks, double across).
-template <typename T>
-void row_means(const T* x, int64_t rows, int64_t S, T* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = x + r * S;
-    double acc = 0;
-    for (int64_t s0 = 0; s0 < S; s0 += 512) {
-      const int64_t s1 = std::min(S, s0 + 512);
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t s = s0; s < s1; ++s) sum += row[s];
-      acc += double(sum);
-    }
-    out[r] = T(acc / double(S));
-  }
-}
-
 // The mean of each row of x3[0] (C, S) as (G, c): the shift of the moments' sums (a value near the
 // data keeps them free of cancellation; the first sample is at hand). A plain loop: torch's mean of a
 // (128, 256) float tensor took ~20 us here.
 torch::Tensor first_sample_means(const torch::Tensor& x3, int64_t G, int64_t c) {
   auto out = at::empty({G, c}, x3.options());
+  const int64_t S = x3.size(2);
   AT_DISPATCH_FLOATING_TYPES(x3.scalar_type(), "first_sample_means", [&] {
-    row_means<scalar_t>(x3.data_ptr<scalar_t>(), G * c, x3.size(2), out.data_ptr<scalar_t>());
+    for (int64_t r = 0; r < G * c; ++r) {
+      double sum = 0;
+      add_shifted_sum(x3.data_ptr<scalar_t>() + r * S, S, scalar_t(0), sum);
+      out.data_ptr<scalar_t>()[r] = scalar_t(sum / double(S));
+    }
   });
   return out;
 }
