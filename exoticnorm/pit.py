@@ -107,12 +107,47 @@ class PITNorm(RunningStatsNorm):
         counts, tables, the sketch's update (the batch is counted on the current grid, then the
         grid follows the batch's moments and moves where it drifted) and y."""
         sketch, fresh = self._batch_sketch(x)
+        return self._step_call(kernel, x, weight, bias, sketch, None, not fresh, False)
+
+    def _step_call(self, kernel, x: Tensor, weight: Tensor, bias: Tensor, sketch: QuantileSketch,
+                   counter: Tensor | None, follow: bool, if_ready: bool) -> Tensor | None:
+        """``kernel.step`` on the sketch's buffers (``counter``: num_batches_tracked, counted by the
+        call; None when counted already). With ``if_ready``, None (nothing done) while a grid is unset."""
+        b = sketch._buffers  # a dict read per buffer: a Module attribute read costs far more in place
         momentum = -1.0 if sketch.momentum is None else float(sketch.momentum)
         return kernel.step(
-            x, weight, bias, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
-            sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, self.bins, self.output == "normal",
-            self.tail, self.smoothing, momentum, sketch.regrid_shift, self.training and self.track_running_stats,
-            not fresh)
+            x, weight, bias, b["center"], b["scale"], b["cdf"], b["weight"], b["mean"], b["var"], b["ready"],
+            b["nonfinite"], b["atom"], b["atom_mass"], counter, self.bins, self.output == "normal", self.tail,
+            self.smoothing, momentum, sketch.regrid_shift, self.training and self.track_running_stats, follow,
+            if_ready)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._fast_train_step(x) if self.training else None
+        return super().forward(x) if y is None else y
+
+    def _fast_train_step(self, x: Tensor) -> Tensor | None:
+        """The CPU kernel's training step with the fewest Python ops, or None for the full forward.
+
+        Each small op before or after the kernel's passes runs with cold caches, several µs apiece
+        (40-60 µs per forward through ``Norm.forward``, measured): for the common case (a
+        single process, eager, float32/float64 CPU input of 2+ values per channel, the affine
+        in x's dtype, a tracked sketch with every grid set) the checks here stand in for
+        ``check_input``/``_check_batch``, and the C++ call counts the batch. Anything else,
+        including every case those checks would reject, goes the full way and gets its errors."""
+        if torch.compiler.is_compiling() or not (
+                type(x) is Tensor and x.is_cpu and x.dtype in _KERNEL_DTYPES and 2 <= x.ndim <= 5
+                and self.track_running_stats and self.affine):
+            return None
+        channels = x.shape[1]
+        weight, bias, sketch = self.weight, self.bias, self.sketch
+        if (channels != self.num_features or x.numel() < 2 * channels or weight.dtype != x.dtype
+                or sketch.cdf.dtype not in _KERNEL_DTYPES or torch._C._functorch.is_batchedtensor(x)
+                or synced()):
+            return None
+        kernel = pit_cpu()
+        if kernel is None:
+            return None
+        return self._step_call(kernel, x, weight, bias, sketch, self._buffers["num_batches_tracked"], True, True)
 
     def _kernel_forward(self, x3: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """The training transform by the CPU kernel's steps one at a time, the bin counts summed

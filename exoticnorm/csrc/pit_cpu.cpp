@@ -242,10 +242,18 @@ inline Count largest(const Count* v, int64_t K) {
 // ties), linear in t in between. The slope is that of the same construction with knots only at
 // every r-th edge (r = out.coarsening(n, K)) and at tied bins: a histogram density over pieces
 // of about `smoothing` values, bounded however few values the channel has (r = 1: the exact
-// derivative). Returns the channel's count n (the sum of cnt).
+// derivative). Returns the channel's count n (the sum of cnt), whether it has ties and whether its
+// slope may differ from its span (r > 1). Without `all`, a channel without ties gets only lo and span
+// (and slope where r > 1): the transform's loops for such channels read no other table.
+struct ChannelKind {
+  double n;
+  bool ties, own_slope;
+};
+
 template <typename T, typename Count>
-double channel_tables(const Count* cnt, const Count* ties, const T* bottom, double local_n, int64_t K, const Output& out,
-                    std::vector<double>& edge_out, T* lo, T* span, T* tie, T* atom, T* slope) {
+ChannelKind channel_tables(const Count* cnt, const Count* ties, const T* bottom, double local_n, int64_t K,
+                           const Output& out, std::vector<double>& edge_out, bool all, T* lo, T* span, T* tie, T* atom,
+                           T* slope) {
   // Counts are whole numbers (integers, or float64 sums of them over ranks): integer sums are exact
   // and, unlike a chain of double additions, do not wait 4 cycles per bin.
   int64_t total = 0;
@@ -272,20 +280,22 @@ double channel_tables(const Count* cnt, const Count* ties, const T* bottom, doub
   const int64_t coarse = out.coarsening(n, K);
   if (!(double(largest(ties, K)) > 1.0)) {  // no ties: every bin a knot, then pieces of r bins for the slope
     for (int64_t k = 0; k < K; ++k) {
-      const double rise = O[k + 1] - O[k];
       lo[k] = T(O[k]);
-      span[k] = T(rise);
-      tie[k] = std::numeric_limits<T>::quiet_NaN();
-      atom[k] = lo[k];
-      slope[k] = T(rise);
+      span[k] = T(O[k + 1] - O[k]);
     }
+    if (all)
+      for (int64_t k = 0; k < K; ++k) {
+        tie[k] = std::numeric_limits<T>::quiet_NaN();
+        atom[k] = lo[k];
+        slope[k] = span[k];
+      }
     if (coarse > 1)
       for (int64_t p = 0; p < K; p += coarse) {
         const int64_t q = std::min(K, p + coarse);
         const T rise = T((O[q] - O[p]) / double(q - p));
         for (int64_t k = p; k < q; ++k) slope[k] = rise;
       }
-    return n;
+    return {n, false, coarse > 1};
   }
   for (const int64_t r : {int64_t(1), coarse}) {  // the forward's tables, then the backward's slope
     if (r != 1 && coarse == 1) break;  // the slope is the exact one, written in the first pass
@@ -324,7 +334,7 @@ double channel_tables(const Count* cnt, const Count* ties, const T* bottom, doub
       slope[k] = T(rise);
     }
   }
-  return n;
+  return {n, true, coarse > 1};
 }
 
 // --- the sketch ---------------------------------------------------------------------------------
@@ -472,20 +482,17 @@ struct Tables {
             slope + c * K, ties.empty() || ties[c] != 0, own_slope.empty() || own_slope[c] != 0};
   }
 
-  // Channel c's ties and own slope, from its tables.
-  void classify(int64_t c) {
-    const int64_t o = c * K;
-    ties[c] = std::any_of(tie + o, tie + o + K, [](T v) { return v == v; });
-    own_slope[c] = !std::equal(slope + o, slope + o + K, span + o);
-  }
-
+  // Which channels have ties and their own slope, from their tables.
   void classify_all() {
-    const int64_t C = static_cast<int64_t>(ties.size());
-    for (int64_t c = 0; c < C; ++c) classify(c);
+    for (int64_t c = 0; c < static_cast<int64_t>(ties.size()); ++c) {
+      const int64_t o = c * K;
+      ties[c] = std::any_of(tie + o, tie + o + K, [](T v) { return v == v; });
+      own_slope[c] = !std::equal(slope + o, slope + o + K, span + o);
+    }
   }
 };
 
-// The tables, and which channels have ties and their own slope (classify_all, or per channel).
+// The tables (call classify_all before use).
 template <typename T>
 Tables<T> tables_of(const torch::Tensor& center, const torch::Tensor& scale, const torch::Tensor& lo,
                     const torch::Tensor& span, const torch::Tensor& tie, const torch::Tensor& atom,
@@ -519,9 +526,8 @@ void apply_row(const Channel<T>& ch, const T* __restrict x, int64_t len, T w, T 
 
 // y = w_c g + b_c for rows [n0, n1) of channel c; with gs and ds (not null) also g and dg/dx.
 template <typename T>
-void apply_rows(const Tables<T>& tab, const T* x, int64_t C, int64_t S, int64_t c, int64_t n0, int64_t n1, T w, T b,
+void apply_rows(const Channel<T>& ch, const T* x, int64_t C, int64_t S, int64_t c, int64_t n0, int64_t n1, T w, T b,
                 T* y, T* gs, T* ds) {
-  const auto ch = tab.channel(c);
   const auto rows = [&](auto ties, auto slope, auto keep) {
     for (int64_t r = n0; r < n1; ++r) {
       const int64_t o = (r * C + c) * S;
@@ -627,8 +633,8 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
       std::vector<double> edge_out;
       for (int64_t c = begin; c < end; ++c) {
         const int64_t o = c * K;
-        const double n =
-            channel_tables(cp + o, tp + o, bp + o, lp[c], K, out, edge_out, lop + o, spp + o, tip + o, ap + o, slp + o);
+        const double n = channel_tables(cp + o, tp + o, bp + o, lp[c], K, out, edge_out, true, lop + o, spp + o,
+                                        tip + o, ap + o, slp + o).n;
         if (observe) {
           AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_observe", [&] {
             observe_channel<scalar_t>(sk, c, cp + o, K, n);
@@ -669,7 +675,8 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
     scalar_t* yp = y.data_ptr<scalar_t>();
     at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        apply_rows<scalar_t>(tab, xp, C, S, r % C, r / C, r / C + 1, wp[r % C], bp[r % C], yp, nullptr, nullptr);
+        apply_rows<scalar_t>(tab.channel(r % C), xp, C, S, r % C, r / C, r / C + 1, wp[r % C], bp[r % C], yp, nullptr,
+                             nullptr);
     });
   });
   return y;
@@ -678,9 +685,8 @@ torch::Tensor apply(torch::Tensor x, torch::Tensor center, torch::Tensor scale, 
 // The whole training forward of one process in one call, channel by channel: the counts on a
 // copy of the grid, the tables (observing the batch into the sketch when observe), with
 // do_follow the grid follow (the running moments, and the grids that must move moved), and y.
-// Returns y, the grid copy and the tables, per channel (3, C) the count of finite values and the
-// value and size of its largest tie (NaN, 0 without ties), and with keep g and dg/dx for the
-// backward (undefined without).
+// Returns y, per channel (3, C) the count of finite values and the value and size of its largest tie
+// (NaN, 0 without ties), and with keep g and dg/dx for the backward (undefined without).
 std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch::Tensor scale, int64_t K, bool normal,
                                    double tail, double smoothing, torch::Tensor cdf, torch::Tensor sketch_weight, torch::Tensor mean,
                                    torch::Tensor var, torch::Tensor ready, double momentum, double shift, bool observe,
@@ -691,8 +697,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
   TORCH_CHECK(cdf.scalar_type() == sketch_weight.scalar_type() && cdf.scalar_type() == mean.scalar_type() &&
               cdf.is_contiguous() && ready.scalar_type() == torch::kBool, "the sketch's buffers must be of one dtype");
   const int64_t N = x.size(0), C = x.size(1), S = x.size(2), B = row_blocks(N, C);
-  auto lo = torch::empty({C, K}, x.options()), span = torch::empty_like(lo), tie = torch::empty_like(lo),
-       atom = torch::empty_like(lo), slope = torch::empty_like(lo), y = torch::empty_like(x);
+  auto y = torch::empty_like(x);
   torch::Tensor gs, ds;
   if (keep) {
     gs = torch::empty_like(x);
@@ -704,42 +709,56 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pit_forward", [&] {
     using T = scalar_t;
     const T *xp = x.data_ptr<T>(), *wp = weight.data_ptr<T>(), *bp = bias.data_ptr<T>();
+    const T *cp = c0.data_ptr<T>(), *sp = s0.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     T *gsp = keep ? gs.data_ptr<T>() : nullptr, *dsp = keep ? ds.data_ptr<T>() : nullptr;
-    auto tab = tables_of<T>(c0, s0, lo, span, tie, atom, slope);  // classified per channel once built
-    T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>(),
-      *slp = slope.data_ptr<T>();
+    // The five tables of a channel (lo, span, tie, atom, slope; K each) are scratch: with one block of
+    // rows per channel (B = 1) one set per thread, used while the channel's values are still in cache
+    // (and the tables in L1); with B > 1 one set per channel, kept for the second pass.
+    std::vector<T> kept(B > 1 ? 5 * C * K : 0);
+    std::vector<ChannelKind> kinds(B > 1 ? C : 0);
+    const auto channel = [&](int64_t c, T* t, const ChannelKind& kind) {
+      return Channel<T>{cp[c], T(1) / sp[c], T(K) / 2, T(K - 1), t, t + K, t + 2 * K, t + 3 * K, t + 4 * K,
+                        kind.ties, kind.own_slope};
+    };
     const double n = double(N * S);
     Output out{normal, tail, smoothing};
     out.cache_counts(n, K);
-    count_channels(xp, N, C, S, K, c0.data_ptr<T>(), s0.data_ptr<T>(), B, [&](int64_t c, const Counts<T>& cn) {
-      std::vector<double> edge_out;
-      const int64_t o = c * K;
-      channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), cn.finite, K, out, edge_out, lop + o, spp + o,
-                     tip + o, ap + o, slp + o);
+    count_channels(xp, N, C, S, K, cp, sp, B, [&](int64_t c, const Counts<T>& cn) {
+      thread_local std::vector<double> edge_out;
+      thread_local std::vector<T> scratch;
+      T* t = kept.data() + 5 * c * K;
+      if (B == 1) {
+        scratch.resize(5 * K);
+        t = scratch.data();
+      }
+      const auto kind = channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), cn.finite, K, out, edge_out,
+                                       false, t, t + K, t + 2 * K, t + 3 * K, t + 4 * K);
       ep[c] = cn.finite;  // the finite values, and the largest tie (the first of its size): its value and size
       const int32_t size = largest(cn.ties.data(), K);
       const auto most = size > 1 ? std::find(cn.ties.begin(), cn.ties.end(), size) - cn.ties.begin() : 0;
       ep[C + c] = size > 1 ? double(cn.bottom[most]) : std::numeric_limits<double>::quiet_NaN();
       ep[2 * C + c] = size > 1 ? double(size) : 0.0;
-      tab.classify(c);
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_sketch", [&] {
         if (observe) observe_channel<scalar_t>(sk, c, cn.n.data(), K, cn.finite);
         if (do_follow) follow_and_regrid<scalar_t>(sk, c, K, cn.finite, cn.sum(), cn.sumsq());
       });
-      if (B == 1) apply_rows(tab, xp, C, S, c, 0, N, wp[c], bp[c], yp, gsp, dsp);  // its values still in cache
+      if (B == 1)
+        apply_rows(channel(c, t, kind), xp, C, S, c, 0, N, wp[c], bp[c], yp, gsp, dsp);  // its values still in cache
+      else
+        kinds[c] = kind;
     });
     if (B > 1) {
       at::parallel_for(0, C * B, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task / B;
           const auto [n0, n1] = block_rows(N, task % B, B);
-          apply_rows(tab, xp, C, S, c, n0, n1, wp[c], bp[c], yp, gsp, dsp);
+          apply_rows(channel(c, kept.data() + 5 * c * K, kinds[c]), xp, C, S, c, n0, n1, wp[c], bp[c], yp, gsp, dsp);
         }
       });
     }
   });
-  return {y, c0, s0, lo, span, tie, atom, slope, extras, gs, ds};
+  return {y, extras, gs, ds};
 }
 
 namespace {
@@ -884,20 +903,20 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
     // y in x's shape, not a view (the caller may modify it in place)
     out[0] = at::_unsafe_view(columns ? transposed(out[0], false) : out[0], x.sizes());
     ctx->saved_data["columns"] = columns;
-    // out: y, the grid copy (center, scale), lo, span, tie, atom, slope, extras, g, dg/dx
+    // out: y, extras, g, dg/dx
     if (observe) {
       TORCH_CHECK(nonfinite.is_contiguous() && atom.is_contiguous() && atom_mass.is_contiguous() &&
                   nonfinite.scalar_type() == cdf.scalar_type() && atom.scalar_type() == cdf.scalar_type() &&
                   atom_mass.scalar_type() == cdf.scalar_type(), "the sketch's buffers must be of one dtype");
       const double values = double(x3.size(0) * x3.size(2));
       AT_DISPATCH_FLOATING_TYPES(cdf.scalar_type(), "pit_atoms", [&] {
-        const double* e = out[8].data_ptr<double>();
+        const double* e = out[1].data_ptr<double>();
         scalar_t* nf = nonfinite.data_ptr<scalar_t>();
         for (int64_t c = 0; c < x.size(1); ++c) nf[c] += scalar_t(values - e[c]);
-        observe_atoms<scalar_t>(out[8], seen, atom, atom_mass, momentum);
+        observe_atoms<scalar_t>(out[1], seen, atom, atom_mass, momentum);
       });
     }
-    if (keep) ctx->save_for_backward({out[9], out[10], weight});  // not x: the backward reads no tables
+    if (keep) ctx->save_for_backward({out[2], out[3], weight});  // not x: the backward reads no tables
     ready.fill_(true);  // every grid is set now (a fresh one by the caller, before this step)
     ctx->set_materialize_grads(false);
     return {out[0]};
@@ -927,17 +946,28 @@ class PITStepFunction : public torch::autograd::Function<PITStepFunction> {
 }  // namespace
 
 // The single-process training step: y; the sketch (cdf, weight, mean, var, and the grids that must move
-// moved, as in forward; ready all set; nonfinite, atom, atom_mass when observe) updated in place.
-// Differentiable in x, gamma and beta (the tables are constants).
-torch::Tensor step(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor center,
-                                torch::Tensor scale, torch::Tensor cdf, torch::Tensor seen, torch::Tensor mean,
-                                torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom,
-                                torch::Tensor atom_mass, int64_t K, bool normal, double tail, double smoothing,
-                                double momentum, double shift, bool observe, bool do_follow) {
+// moved, as in forward; ready all set; nonfinite, atom, atom_mass when observe) updated in place, and
+// `counter` (the module's num_batches_tracked, when given) counted up when observe.
+// Differentiable in x, gamma and beta (the tables are constants). With `if_ready`, a sketch with any
+// grid not yet set is left untouched and None returned: the caller sets the grids from this batch
+// (QuantileSketch.follow) and calls again (the module's check, here, costs no Python op per step).
+c10::optional<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor center,
+                                  torch::Tensor scale, torch::Tensor cdf, torch::Tensor seen, torch::Tensor mean,
+                                  torch::Tensor var, torch::Tensor ready, torch::Tensor nonfinite, torch::Tensor atom,
+                                  torch::Tensor atom_mass, c10::optional<torch::Tensor> counter, int64_t K, bool normal,
+                                  double tail, double smoothing, double momentum, double shift, bool observe,
+                                  bool do_follow, bool if_ready) {
+  if (if_ready) {
+    TORCH_CHECK(ready.scalar_type() == torch::kBool && ready.is_contiguous(), "ready must be a contiguous bool tensor");
+    const bool* r = ready.data_ptr<bool>();
+    if (!std::all_of(r, r + ready.numel(), [](bool v) { return v; })) return c10::nullopt;
+  }
   // g and dg/dx are kept for a backward only where one can follow
   const bool keep = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad());
-  return PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
-                                atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep)[0];
+  auto y = PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
+                                  atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep)[0];
+  if (observe && counter.has_value()) counter->add_(1);
+  return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
