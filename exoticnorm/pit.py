@@ -121,8 +121,17 @@ class PITNorm(RunningStatsNorm):
             self.smoothing, momentum, sketch.regrid_shift, self.training and self.track_running_stats, follow,
             if_ready)
 
+    #: whether the training step may take ``_fast_train_step``: False for subclasses that
+    #: override what it stands in for
+    _lean = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._lean = cls._lean and all(getattr(cls, name) is getattr(PITNorm, name)
+                                      for name in ("_normalize", "_train_transform", "_kernel_step", "_batch_sketch"))
+
     def forward(self, x: Tensor) -> Tensor:
-        y = self._fast_train_step(x) if self.training else None
+        y = self._fast_train_step(x) if self.training and self._lean else None
         return super().forward(x) if y is None else y
 
     def _fast_train_step(self, x: Tensor) -> Tensor | None:

@@ -173,42 +173,6 @@ def test_kernel_step_takes_flat_input_as_channel_rows(shape, dtype, monkeypatch)
             torch.testing.assert_close(a, b, **tol)
 
 
-def test_trained_module_steps_without_the_full_forward_and_still_rejects_bad_input(monkeypatch):
-    """Once every grid is set, a CPU training step goes straight to the C++ call (which counts
-    num_batches_tracked); the first step, and any input the lean path's checks do not pass, take
-    the full forward, with its errors, and change nothing."""
-    from exoticnorm.base import Norm
-    from exoticnorm.kernels import pit_cpu
-
-    if pit_cpu() is None:
-        pytest.skip("no C++ compiler: the kernel is not built")
-    calls = []
-    full = Norm.forward
-    monkeypatch.setattr(Norm, "forward", lambda self, x: (calls.append(tuple(x.shape)), full(self, x))[1])
-    m = en.PITNorm(3)
-    x = torch.randn(8, 3, 4, 4)
-    m(x)  # the first step sets the grids: the full forward
-    assert calls == [(8, 3, 4, 4)]
-    for _ in range(2):
-        m(x).sum().backward()
-    assert calls == [(8, 3, 4, 4)] and int(m.num_batches_tracked) == 3
-    state = {k: v.clone() for k, v in m.state_dict().items()}
-    bad = [(torch.randn(8, 4, 4, 4), en.InputError, "built for 3 channels"),
-           (torch.randn(1, 3), en.InputError, "1 value per channel"),
-           (torch.randn(3), en.InputError, "expects"),
-           (torch.ones(8, 3, dtype=torch.long), TypeError, "floating-point")]
-    for xb, error, message in bad:
-        with pytest.raises(error, match=message):
-            m(xb)
-    with pytest.raises(en.InputError, match="vmap"):
-        torch.func.vmap(m)(torch.randn(2, 8, 3))
-    for k, v in m.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    # half precision runs through the full forward (statistics in float32), and counts once
-    y = m(torch.randn(8, 3, 4, 4).half())
-    assert y.dtype == torch.float16 and int(m.num_batches_tracked) == 4
-
-
 def test_kernel_step_keeps_g_and_its_derivative_only_when_a_backward_can_follow():
     """The CPU step saves the transform g and dg/dx for the backward (two tensors of x's size;
     the backward then reads no tables) and nothing under no_grad, whose output is the same."""

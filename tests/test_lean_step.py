@@ -1,0 +1,123 @@
+"""The lean training step of PIT and the ZCA family (``_fast_train_step``): once a module is
+set up, a CPU training step skips the full forward's Python and calls the C++ step directly.
+It must give exactly what the full path gives, be the path actually taken, and leave every
+input the full path would reject (or handle otherwise) to the full path."""
+
+import pytest
+import torch
+
+import exoticnorm as en
+from exoticnorm.base import Norm
+from exoticnorm.kernels import pit_cpu, whiten_cpu
+
+LEAN = [  # (norm, options, input shape) the lean step takes
+    ("pit", {}, (16, 4, 5, 5)),
+    ("pit", {"momentum": None, "output": "uniform"}, (32, 4)),
+    ("zca", {}, (16, 4, 5, 5)),
+    ("zca", {}, (64, 4)),
+    ("zca", {"shrinkage": "lw"}, (12, 4)),  # (N, C) with Ledoit–Wolf's ρ: the C++ step computes it
+    ("block-zca", {"group_size": 3, "momentum": None}, (64, 7)),  # a short last group
+    ("block-zca", {"group_size": 2}, (16, 4, 3, 3)),
+    ("sparse-zca", {"density": 0.5}, (16, 4, 5, 5)),
+]
+FULL = [  # the full path's own choices, which the lean checks must leave to it
+    ("block-zca", {"group_size": 3}, (16, 7, 3, 3)),  # spatial with a short last group: torch ops
+    ("zca", {}, (16, 4, 2, 2)),  # 4 positions: torch ops
+    ("zca", {}, (2, 8, 2, 4)),  # 16 samples < 4c: Ledoit–Wolf's ρ, which needs the centred samples
+]
+
+
+def _kernels_built(name):
+    return (pit_cpu() if name == "pit" else whiten_cpu()) is not None
+
+
+def _steps(m, xs, dtype):
+    out = []
+    for x in xs:
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        m.zero_grad()
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y))
+        out.append((y.detach(), xi.grad, m.weight.grad.clone(), m.bias.grad.clone(),
+                    *(t.clone() for t in m.buffers())))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name,options,shape", LEAN + FULL)
+def test_lean_step_equals_the_full_forward(name, options, shape, dtype):
+    """Three training steps, lean against full (``_lean = False``): outputs, the gradients of x,
+    γ and β, and every buffer (running statistics, sketch, num_batches_tracked) bit for bit."""
+    if not _kernels_built(name):
+        pytest.skip("no C++ compiler: the kernels are not built")
+    gen = torch.Generator().manual_seed(0)
+    xs = [torch.randn(shape, generator=gen, dtype=dtype) * (1 + i) + i for i in range(3)]
+    results = []
+    for lean in (True, False):
+        torch.manual_seed(0)
+        m = en.create_norm(name, shape[1], **options).to(dtype)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 2), m.bias.uniform_(-1, 1)
+        m._lean = lean
+        results.append(_steps(m, xs, dtype))
+    for lean_step, full_step in zip(*results):
+        assert len(lean_step) == len(full_step)
+        for a, b in zip(lean_step, full_step):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert int(m.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("name,options,shape", LEAN + FULL)
+def test_lean_step_is_taken_and_bad_input_still_gets_the_full_forward(name, options, shape, monkeypatch):
+    """After the first step (which sets up PIT's grids on the full path), training steps in the
+    lean cases do not reach ``Norm.forward`` (and in the others do); inputs the lean checks do not
+    pass get its errors, and change nothing."""
+    if not _kernels_built(name):
+        pytest.skip("no C++ compiler: the kernels are not built")
+    calls = []
+    full = Norm.forward
+    monkeypatch.setattr(Norm, "forward", lambda self, x: (calls.append(tuple(x.shape)), full(self, x))[1])
+    m = en.create_norm(name, shape[1], **options)
+    x = torch.randn(shape)
+    lean = (name, options, shape) in LEAN
+    setup = 1 if name == "pit" or not lean else 0
+    m(x)
+    assert len(calls) == setup
+    for _ in range(2):
+        m(x).sum().backward()
+    assert len(calls) == (setup if lean else 3) and int(m.num_batches_tracked) == 3
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    c = shape[1]
+    bad = [(torch.randn(8, c + 1, *shape[2:]), en.InputError, f"built for {c} channels"),
+           (torch.randn(1, c), en.InputError, "1 value per channel"),
+           (torch.randn(c), en.InputError, "expects"),
+           (torch.ones(8, c, dtype=torch.long), TypeError, "floating-point")]
+    for xb, error, message in bad:
+        with pytest.raises(error, match=message):
+            m(xb)
+    with pytest.raises(en.InputError, match="vmap"):
+        torch.func.vmap(m)(torch.randn(2, *shape))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # half precision goes the full way (statistics in float32), and is counted once
+    calls.clear()
+    y = m(x.half())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    assert len(calls) == 1 and int(m.num_batches_tracked) == 4
+
+
+def test_subclasses_that_override_the_step_keep_the_full_forward():
+    from exoticnorm.structured import MonarchZCANorm
+
+    class Logged(en.PITNorm):
+        def _train_transform(self, x):
+            self.seen = True
+            return super()._train_transform(x)
+
+    assert en.PITNorm._lean and en.ZCANorm._lean and en.BlockZCANorm._lean and en.SparseZCANorm._lean
+    assert not MonarchZCANorm._lean and not Logged._lean
+    m = Logged(3)
+    for _ in range(2):
+        m.seen = False
+        m(torch.randn(8, 3, 4, 4))
+        assert m.seen
