@@ -173,6 +173,26 @@ def test_kernel_step_takes_flat_input_as_channel_rows(shape, dtype, monkeypatch)
             torch.testing.assert_close(a, b, **tol)
 
 
+def test_kernel_tables_match_torch_ops_for_each_output_and_tail(monkeypatch):
+    """The C++ step keeps Φ⁻¹(j / n) for a channel count n once computed (per n, output and
+    tail): modules that differ only in output or tail, on batches of the same n in one process,
+    each still match the torch path."""
+    from exoticnorm.kernels import pit_cpu
+
+    if pit_cpu() is None:
+        pytest.skip("no C++ compiler: the kernel is not built")
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(64, 3, 10, generator=gen, dtype=torch.float64) + i for i in range(2)]
+    for output, tail in [("normal", 1e-3), ("normal", 0.05), ("uniform", 1e-3), ("normal", 1e-3)]:
+        ys = []
+        for off in ("0", "1"):
+            monkeypatch.setenv("EXOTICNORM_NO_KERNELS", off)
+            m = en.PITNorm(3, output=output, tail=tail, bins=40).double()
+            ys.append([m(x).detach() for x in xs])
+        for a, b in zip(*ys):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_kernel_step_keeps_g_and_its_derivative_only_when_a_backward_can_follow():
     """The CPU step saves the transform g and dg/dx for the backward (two tensors of x's size;
     the backward then reads no tables) and nothing under no_grad, whose output is the same."""
