@@ -225,28 +225,14 @@ class _Whitening(GroupedStatsNorm):
         except torch.linalg.LinAlgError:
             return None  # eigh failed (nothing was updated): the torch ops retry with jitter, then Newton–Schulz
 
-    #: whether the training step may take ``_fast_train_step``: False for subclasses that
-    #: override what it stands in for (their own stages, e.g. ``MonarchZCANorm``)
-    _lean = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls._lean = cls._lean and all(getattr(cls, name) is getattr(_Whitening, name)
-                                      for name in ("_normalize", "_train_forward", "_fused_step"))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self._fast_train_step(x) if self.training and self._lean else None
-        return super().forward(x) if y is None else y
+    _lean_covers = ("check_input", "_check_batch", "_normalize", "_train_forward", "_fused_step", "_cast_affine")
 
     def _fast_train_step(self, x: Tensor) -> Tensor | None:
-        """The C++ ZCA step (``K.zca_step``) with the fewest Python ops, or None for the full forward.
-
-        Each small op around the kernel runs with cold caches, several µs apiece (50-60 µs per
-        forward+backward of ``block-zca`` at 256×16×8×8 through ``Norm.forward``, measured): for
-        the common case (eager, a single process, float32/float64 CPU input the kernel takes, as
-        ``K.zca_plan`` and ``K.step_shrinkage`` decide, the affine in x's dtype, tracked running
-        statistics) these checks stand in for the full path's. Anything else, including every
-        input those checks would reject, and an eigh that fails, goes the full way."""
+        """The C++ ZCA step ``K.zca_step`` (``Norm._lean_covers``; 50-60 µs less per forward+backward
+        of ``block-zca`` at 256×16×8×8 than the full forward, measured) for eager, single-process,
+        float32/float64 CPU input the kernel takes (as ``K.zca_plan`` and ``K.step_shrinkage``
+        decide), the affine in x's dtype and tracked running statistics; an eigh that fails goes
+        the full way (whose torch ops retry)."""
         if torch.compiler.is_compiling() or not (
                 type(x) is Tensor and x.is_cpu and x.dtype in (torch.float32, torch.float64)
                 and 2 <= x.ndim <= 5 and self.track_running_stats and self.transform == "zca"

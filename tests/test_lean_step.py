@@ -70,13 +70,13 @@ def test_lean_step_equals_the_full_forward(name, options, shape, dtype):
 @pytest.mark.parametrize("name,options,shape", LEAN + FULL)
 def test_lean_step_is_taken_and_bad_input_still_gets_the_full_forward(name, options, shape, monkeypatch):
     """After the first step (which sets up PIT's grids on the full path), training steps in the
-    lean cases do not reach ``Norm.forward`` (and in the others do); inputs the lean checks do not
-    pass get its errors, and change nothing."""
+    lean cases skip the full forward (whose first act is ``check_input``; in the other cases they
+    do not skip it); inputs the lean checks do not pass get its errors, and change nothing."""
     if not _kernels_built(name):
         pytest.skip("no C++ compiler: the kernels are not built")
     calls = []
-    full = Norm.forward
-    monkeypatch.setattr(Norm, "forward", lambda self, x: (calls.append(tuple(x.shape)), full(self, x))[1])
+    full = Norm.check_input
+    monkeypatch.setattr(Norm, "check_input", lambda self, x: (calls.append(1), full(self, x))[1])
     m = en.create_norm(name, shape[1], **options)
     x = torch.randn(shape)
     lean = (name, options, shape) in LEAN
@@ -114,7 +114,11 @@ def test_subclasses_that_override_the_step_keep_the_full_forward():
             self.seen = True
             return super()._train_transform(x)
 
+    class Plain(en.BlockZCANorm):
+        pass
+
     assert en.PITNorm._lean and en.ZCANorm._lean and en.BlockZCANorm._lean and en.SparseZCANorm._lean
+    assert Plain._lean and not en.BatchNorm._lean and not en.GroupWhitening._lean
     assert not MonarchZCANorm._lean and not Logged._lean
     m = Logged(3)
     for _ in range(2):
