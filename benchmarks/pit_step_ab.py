@@ -34,12 +34,19 @@ SHAPES = [(256, 6, 576), (256, 16, 64), (1, 120, 256), (1, 84, 256)]  # LeNet's,
 
 
 def build_at(rev: str):
-    """The PIT kernel as it was at git revision ``rev``."""
+    """The PIT kernel as it was at git revision ``rev`` (its csrc headers with it)."""
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:exoticnorm/csrc/pit_cpu.cpp"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
+
+    def show(path: str) -> str:
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True,
+                              text=True).stdout
+
     build = Path(tempfile.mkdtemp(prefix="pit_ab_"))
-    (build / "pit_rev.cpp").write_text(source)
+    (build / "pit_rev.cpp").write_text(show("exoticnorm/csrc/pit_cpu.cpp"))
+    listed = subprocess.run(["git", "ls-tree", "--name-only", rev, "exoticnorm/csrc/"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout.split()
+    for header in (h for h in listed if h.endswith(".h")):
+        (build / Path(header).name).write_text(show(header))
     cflags, ldflags = _build_flags()
     name = "pit_ab_" + subprocess.run(["git", "rev-parse", "--short=10", rev], cwd=root, check=True,
                                       capture_output=True, text=True).stdout.strip()
@@ -47,10 +54,17 @@ def build_at(rev: str):
 
 
 def step_fn(kernel, x, g, w, b, sketch):
+    buffers = (sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var, sketch.ready,
+               sketch.nonfinite, sketch.atom, sketch.atom_mass)
+    options = (500, True, 1e-3, 8.0, 0.1, sketch.regrid_shift, True, True)
+    try:  # since 2026-12-01: num_batches_tracked (None: not counted) after the buffers, and if_ready
+        kernel.step(x.detach(), w.detach(), b.detach(), *buffers, None, *options, False)
+        call = lambda: kernel.step(x, w, b, *buffers, None, *options, False)  # noqa: E731
+    except TypeError:
+        call = lambda: kernel.step(x, w, b, *buffers, *options)  # noqa: E731
+
     def run():
-        y = kernel.step(x, w, b, sketch.center, sketch.scale, sketch.cdf, sketch.weight, sketch.mean, sketch.var,
-                        sketch.ready, sketch.nonfinite, sketch.atom, sketch.atom_mass, 500, True, 1e-3, 8.0, 0.1,
-                        sketch.regrid_shift, True, True)
+        y = call()
         (y[0] if isinstance(y, (list, tuple)) else y).backward(g)  # earlier steps returned (y, regrid, std)
     return run
 
