@@ -99,7 +99,8 @@ class Norm(nn.Module):
     #: is a training step with the fewest Python ops (each small op around a C++ kernel's passes
     #: runs with cold caches, several µs apiece): it returns y for the common case and None for
     #: anything else, including all input ``check_input``/``_check_batch`` would reject, which then
-    #: takes the full forward. A subclass that overrides one of these methods keeps the full forward.
+    #: takes the full forward. A subclass that overrides one of these methods keeps the full forward
+    #: (decided when the class is made; ``module._lean = False`` turns the lean step off for one module).
     _lean_covers: tuple[str, ...] = ()
     _lean = False  # set per class (__init_subclass__)
 

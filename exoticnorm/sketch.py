@@ -95,6 +95,9 @@ class QuantileSketch(nn.Module):
                 state_dict.setdefault(prefix + name, torch.full_like(getattr(self, name), fill))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        for name, buffer in self._buffers.items():  # the CPU kernel updates them in place as dense arrays
+            if buffer is not None and not buffer.is_contiguous():  # (load_state_dict(assign=True) of views)
+                self._buffers[name] = buffer.contiguous()
 
     def reset(self) -> None:
         self.nonfinite.zero_(), self.atom.zero_(), self.atom_mass.zero_()

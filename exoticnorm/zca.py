@@ -225,7 +225,8 @@ class _Whitening(GroupedStatsNorm):
         except torch.linalg.LinAlgError:
             return None  # eigh failed (nothing was updated): the torch ops retry with jitter, then Newton–Schulz
 
-    _lean_covers = ("check_input", "_check_batch", "_normalize", "_train_forward", "_fused_step", "_cast_affine")
+    _lean_covers = ("check_input", "_check_batch", "uses_batch_stats", "update_factor", "spec", "_normalize",
+                    "_train_forward", "_fused_step", "_cast_affine")
 
     def _fast_train_step(self, x: Tensor) -> Tensor | None:
         """The C++ ZCA step ``K.zca_step`` (``Norm._lean_covers``; 50-60 µs less per forward+backward
@@ -242,7 +243,7 @@ class _Whitening(GroupedStatsNorm):
         flat = x.ndim == 2
         count = x.numel() // channels if channels else 0
         if (channels != self.num_features or count < 2 or (not flat and (channels % c or count < 8 * n))
-                or torch._C._functorch.is_batchedtensor(x) or synced(self.process_group)):
+                or torch._C._functorch.is_functorch_wrapped_tensor(x) or synced(self.process_group)):
             return None
         shrinkage = self.shrinkage
         if shrinkage == "lw" or (shrinkage == "auto" and count < 4 * c):
@@ -251,12 +252,9 @@ class _Whitening(GroupedStatsNorm):
             shrink = -1.0
         else:
             shrink = 0.0 if isinstance(shrinkage, str) else float(shrinkage)
-        weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != x.dtype:
+        weight, bias, b = self.weight, self.bias, self._buffers
+        if (weight is not None and weight.dtype != x.dtype) or not b["running_cov"].is_cpu or whiten_cpu() is None:
             return None
-        if whiten_cpu() is None:
-            return None
-        b = self._buffers
         running = (b["running_mean"], b["running_cov"], b["running_shrinkage"], b["running_whitening"],
                    b["num_batches_tracked"])
         try:

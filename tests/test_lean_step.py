@@ -125,3 +125,52 @@ def test_subclasses_that_override_the_step_keep_the_full_forward():
         m.seen = False
         m(torch.randn(8, 3, 4, 4))
         assert m.seen
+
+
+def test_lean_step_in_other_settings_equals_the_full_forward():
+    """Parameters in another dtype than x, channels_last input, inference mode and bf16 autocast:
+    the lean step (or the full forward it leaves them to) gives what the full forward gives."""
+    if pit_cpu() is None or whiten_cpu() is None:
+        pytest.skip("no C++ compiler: the kernels are not built")
+    settings = {
+        "float32 module, float64 input": (torch.float64, lambda x: x, torch.enable_grad),
+        "channels_last": (torch.float32, lambda x: x.contiguous(memory_format=torch.channels_last), torch.enable_grad),
+        "inference_mode": (torch.float32, lambda x: x, torch.inference_mode),
+        "autocast bf16": (torch.float32, lambda x: x, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    }
+    for name in ("pit", "zca", "block-zca"):
+        for label, (dtype, layout, context) in settings.items():
+            gen = torch.Generator().manual_seed(1)
+            xs = [layout(torch.randn(16, 4, 5, 5, generator=gen, dtype=dtype) + i) for i in range(3)]
+            results = []
+            for lean in (True, False):
+                torch.manual_seed(0)
+                m = en.create_norm(name, 4, **({"group_size": 2} if name == "block-zca" else {}))
+                m._lean = lean
+                with context():
+                    ys = [m(x) for x in xs]
+                results.append([y.detach().clone() for y in ys] + [t.clone() for t in m.buffers()])
+            for a, b in zip(*results):
+                assert a.dtype == b.dtype, (name, label)
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{name}, {label}")
+
+
+def test_pit_sketch_loaded_as_strided_views_steps_as_a_dense_one():
+    """load_state_dict(assign=True) of strided views leaves the sketch dense (the C++ step writes
+    its buffers as dense arrays), and training then matches a module loaded the usual way."""
+    if pit_cpu() is None:
+        pytest.skip("no C++ compiler: the kernels are not built")
+    source = en.PITNorm(3)
+    for seed in range(2):
+        source(torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(seed)))
+    state = source.state_dict()
+    strided = {k: torch.stack([v, v], -1)[..., 0] if v.ndim else v for k, v in state.items()}
+    assert not strided["sketch.ready"].is_contiguous()
+    a, b = en.PITNorm(3), en.PITNorm(3)
+    a.load_state_dict(strided, assign=True)
+    b.load_state_dict(state)
+    assert all(t.is_contiguous() for t in a.sketch.buffers())
+    x = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(9)) * 3 + 2  # moves the grids
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    for (k, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, equal_nan=True, msg=k)

@@ -197,10 +197,11 @@ void count_channels(const T* x, int64_t N, int64_t C, int64_t S, int64_t K, cons
 // --- tables -------------------------------------------------------------------------------------
 
 // The output of a CDF value u: Phi^-1(clamp(u, tail, 1 - tail)) when normal, else u; with the
-// outputs at j / n, j = 0..n, for a count n of up to kCachedCount values: every edge of a channel of
+// outputs at j / n, j = 0..n, for a count n of at most kCachedCount values: every edge of a channel of
 // n values takes one of them, so its tables read them instead of evaluating Phi^-1 per edge (8.5 ns
-// each, K per channel and step). They are computed once per (n, normal, tail) and kept, for the
-// last kCachedSizes such triples (a layer's batches have one n, a short last batch another).
+// each, K per channel and step). They are computed once per (n, normal, tail) and kept for the
+// kCachedSizes triples used last (a layer's batches have one n, a short last batch another); only
+// where computing them costs at most a few steps' worth of per-edge evaluations (n <= 4 C K).
 constexpr int64_t kCachedCount = 1 << 16;
 constexpr size_t kCachedSizes = 8;
 
@@ -215,8 +216,9 @@ struct Output {
     return normal ? calc_ndtri(std::min(std::max(u, tail), 1.0 - tail)) : u;
   }
 
-  void cache_counts(double n) {
-    if (!(n > 0 && n <= double(kCachedCount) && n == std::floor(n))) return;
+  // The outputs at j / n for channels of n values, C channels of K bins.
+  void cache_counts(double n, int64_t C, int64_t K) {
+    if (!(n > 0 && n <= double(std::min(kCachedCount, 4 * C * K)) && n == std::floor(n))) return;
     struct Entry {
       int64_t n;
       bool normal;
@@ -224,12 +226,15 @@ struct Output {
       std::shared_ptr<const std::vector<double>> values;
     };
     static std::mutex mutex;
-    static std::deque<Entry> kept;
+    static std::deque<Entry> kept;  // the most recently used last
     count_n = static_cast<int64_t>(n);
     std::lock_guard<std::mutex> lock(mutex);
-    for (const auto& e : kept)
-      if (e.n == count_n && e.normal == normal && e.tail == tail) {
-        at_count = e.values;
+    for (auto e = kept.begin(); e != kept.end(); ++e)
+      if (e->n == count_n && e->normal == normal && e->tail == tail) {
+        at_count = e->values;
+        Entry used = *e;
+        kept.erase(e);
+        kept.push_back(used);
         return;
       }
     auto values = std::make_shared<std::vector<double>>(count_n + 1);
@@ -652,7 +657,7 @@ std::vector<torch::Tensor> tables(torch::Tensor counts, torch::Tensor ties, torc
     T *lop = lo.data_ptr<T>(), *spp = span.data_ptr<T>(), *tip = tie.data_ptr<T>(), *ap = atom.data_ptr<T>(),
       *slp = slope.data_ptr<T>();
     Output out{normal, tail, smoothing};
-    if (C > 0) out.cache_counts(std::accumulate(cp, cp + K, 0.0));  // channels are counted alike
+    if (C > 0) out.cache_counts(std::accumulate(cp, cp + K, 0.0), C, K);  // channels are counted alike
     at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> edge_out;
       for (int64_t c = begin; c < end; ++c) {
@@ -747,15 +752,12 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     };
     const double n = double(N * S);
     Output out{normal, tail, smoothing};
-    out.cache_counts(n);
+    out.cache_counts(n, C, K);
     count_channels(xp, N, C, S, K, cp, sp, B, [&](int64_t c, const Counts<T>& cn) {
       thread_local std::vector<double> edge_out;
       thread_local std::vector<T> scratch;
-      T* t = kept.data() + 5 * c * K;
-      if (B == 1) {
-        scratch.resize(5 * K);
-        t = scratch.data();
-      }
+      if (B == 1) scratch.resize(5 * K);
+      T* t = B == 1 ? scratch.data() : kept.data() + 5 * c * K;
       const auto kind = channel_tables(cn.n.data(), cn.ties.data(), cn.bottom.data(), cn.finite, K, out, edge_out,
                                        false, t, t + K, t + 2 * K, t + 3 * K, t + 4 * K);
       ep[c] = cn.finite;  // the finite values, and the largest tie (the first of its size): its value and size
@@ -981,16 +983,16 @@ c10::optional<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::
                                   torch::Tensor atom_mass, c10::optional<torch::Tensor> counter, int64_t K, bool normal,
                                   double tail, double smoothing, double momentum, double shift, bool observe,
                                   bool do_follow, bool if_ready) {
-  if (if_ready) {
-    TORCH_CHECK(ready.scalar_type() == torch::kBool && ready.is_contiguous(), "ready must be a contiguous bool tensor");
+  if (if_ready) {  // anything but a contiguous bool tensor with every grid set goes back to the caller
+    if (ready.scalar_type() != torch::kBool || !ready.is_contiguous() || !ready.device().is_cpu()) return c10::nullopt;
     const bool* r = ready.data_ptr<bool>();
     if (!std::all_of(r, r + ready.numel(), [](bool v) { return v; })) return c10::nullopt;
   }
+  if (observe && counter.has_value()) counter->add_(1);  // counted first, as update_factor does
   // g and dg/dx are kept for a backward only where one can follow
   const bool keep = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad());
   auto y = PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
                                   atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep)[0];
-  if (observe && counter.has_value()) counter->add_(1);
   return y;
 }
 
