@@ -42,6 +42,7 @@ __all__ = [
     "group_moments",
     "WhiteningSpec",
     "uses_ledoit_wolf",
+    "ledoit_wolf_for",
     "shrinkage_intensity",
     "whitening_matrix",
     "affine_map",
@@ -138,7 +139,12 @@ class WhiteningSpec:
 
 def uses_ledoit_wolf(spec: WhiteningSpec, count: float, group_size: int) -> bool:
     """Whether ρ is Ledoit–Wolf's: ``spec.shrinkage`` "lw", or "auto" with fewer than 4c samples."""
-    return spec.shrinkage == "lw" or (spec.shrinkage == "auto" and count < 4 * group_size)
+    return ledoit_wolf_for(spec.shrinkage, count, group_size)
+
+
+def ledoit_wolf_for(shrinkage: str | float, count: float, group_size: int) -> bool:
+    """``uses_ledoit_wolf`` from the shrinkage option itself."""
+    return shrinkage == "lw" or (shrinkage == "auto" and count < 4 * group_size)
 
 
 def shrinkage_intensity(cov: Tensor, xc: Tensor, spec: WhiteningSpec, count: float | None = None,

@@ -40,8 +40,8 @@ def supported(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> bool:
     """Whether ``FusedWhitenBatch`` computes this batch (else ``WhitenBatch`` does)."""
     if x.device.type != "cpu" or x.ndim < 3 or x.dtype not in (torch.float32, torch.float64):
         return False
-    if x.shape[1] % group_size or x.shape[0] == 0 or x.numel() < 8 * x.shape[0] * x.shape[1]:
-        return False  # padding, empty, or few positions (fc-like: BLAS does better)
+    if not spatial_shape_fits(x.shape[0], x.shape[1], x.numel(), group_size):
+        return False
     count = x.numel() // x.shape[1]
     if W.uses_ledoit_wolf(spec, count, group_size):
         return False  # Ledoit–Wolf needs the centred samples
@@ -108,12 +108,22 @@ def zca_plan(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> str | None:
     return "spatial" if supported(x, group_size, spec) else None
 
 
+def spatial_shape_fits(n: int, channels: int, numel: int, group_size: int) -> bool:
+    """Whether the spatial passes take (N, C, *) input of ``numel`` values: groups that divide C,
+    a batch, and 8+ positions (else padding, empty, or fc-like, where BLAS does better)."""
+    return not (channels % group_size or n == 0 or numel < 8 * n * channels)
+
+
 def step_shrinkage(x: Tensor, group_size: int, spec: W.WhiteningSpec) -> float:
     """ρ as ``zca_step`` takes it: the fixed fraction, or −1 for Ledoit–Wolf's estimate."""
-    count = x.numel() // x.shape[1]
-    if W.uses_ledoit_wolf(spec, count, group_size):
+    return shrinkage_arg(spec.shrinkage, x.numel() // x.shape[1], group_size)
+
+
+def shrinkage_arg(shrinkage: str | float, count: int, group_size: int) -> float:
+    """``step_shrinkage`` from the shrinkage option and the sample count."""
+    if W.ledoit_wolf_for(shrinkage, count, group_size):
         return -1.0
-    return 0.0 if isinstance(spec.shrinkage, str) else float(spec.shrinkage)
+    return 0.0 if isinstance(shrinkage, str) else float(shrinkage)
 
 
 def zca_step(x: Tensor, weight: Tensor | None, bias: Tensor | None, group_size: int, eps: float, shrink: float,

@@ -242,16 +242,13 @@ class _Whitening(GroupedStatsNorm):
         n, channels, c = x.shape[0], x.shape[1], self._group_size
         flat = x.ndim == 2
         count = x.numel() // channels if channels else 0
-        if (channels != self.num_features or count < 2 or (not flat and (channels % c or count < 8 * n))
+        if (channels != self.num_features or count < 2
+                or (not flat and not K.spatial_shape_fits(n, channels, x.numel(), c))
                 or torch._C._functorch.is_functorch_wrapped_tensor(x) or synced(self.process_group)):
             return None
-        shrinkage = self.shrinkage
-        if shrinkage == "lw" or (shrinkage == "auto" and count < 4 * c):
-            if not flat:
-                return None  # Ledoit–Wolf needs the centred samples: the spatial passes do not keep them
-            shrink = -1.0
-        else:
-            shrink = 0.0 if isinstance(shrinkage, str) else float(shrinkage)
+        shrink = K.shrinkage_arg(self.shrinkage, count, c)
+        if shrink < 0 and not flat:
+            return None  # Ledoit–Wolf needs the centred samples: the spatial passes do not keep them
         weight, bias, b = self.weight, self.bias, self._buffers
         if (weight is not None and weight.dtype != x.dtype) or not b["running_cov"].is_cpu or whiten_cpu() is None:
             return None

@@ -478,6 +478,12 @@ struct Channel {
   const T *lo, *span, *tie, *atom, *slope;
   bool ties, own_slope;
 
+  // Channel of grid (center, scale) and K-entry tables.
+  static Channel on(T center, T scale, int64_t K, const T* lo, const T* span, const T* tie, const T* atom,
+                    const T* slope, bool ties, bool own_slope) {
+    return {center, T(1) / scale, T(K) / 2, T(K - 1), lo, span, tie, atom, slope, ties, own_slope};
+  }
+
   template <bool Ties, bool Slope = true>
   inline void at(T v, T& g, T& d) const {
     const T z = (v - center) * inv;
@@ -507,8 +513,8 @@ struct Tables {
   std::vector<char> own_slope;  // per channel: a slope table that differs from the span
 
   Channel<T> channel(int64_t c) const {
-    return {center[c], T(1) / scale[c], T(K) / 2, T(K - 1), lo + c * K, span + c * K, tie + c * K, atom + c * K,
-            slope + c * K, ties.empty() || ties[c] != 0, own_slope.empty() || own_slope[c] != 0};
+    return Channel<T>::on(center[c], scale[c], K, lo + c * K, span + c * K, tie + c * K, atom + c * K, slope + c * K,
+                          ties.empty() || ties[c] != 0, own_slope.empty() || own_slope[c] != 0);
   }
 
   // Which channels have ties and their own slope, from their tables.
@@ -746,9 +752,8 @@ std::vector<torch::Tensor> forward(torch::Tensor x, torch::Tensor center, torch:
     // (and the tables in L1); with B > 1 one set per channel, kept for the second pass.
     std::vector<T> kept(B > 1 ? 5 * C * K : 0);
     std::vector<ChannelKind> kinds(B > 1 ? C : 0);
-    const auto channel = [&](int64_t c, T* t, const ChannelKind& kind) {
-      return Channel<T>{cp[c], T(1) / sp[c], T(K) / 2, T(K - 1), t, t + K, t + 2 * K, t + 3 * K, t + 4 * K,
-                        kind.ties, kind.own_slope};
+    const auto channel = [&](int64_t c, const T* t, const ChannelKind& kind) {
+      return Channel<T>::on(cp[c], sp[c], K, t, t + K, t + 2 * K, t + 3 * K, t + 4 * K, kind.ties, kind.own_slope);
     };
     const double n = double(N * S);
     Output out{normal, tail, smoothing};
@@ -991,9 +996,8 @@ c10::optional<torch::Tensor> step(torch::Tensor x, torch::Tensor weight, torch::
   if (observe && counter.has_value()) counter->add_(1);  // counted first, as update_factor does
   // g and dg/dx are kept for a backward only where one can follow
   const bool keep = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad() || bias.requires_grad());
-  auto y = PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
-                                  atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep)[0];
-  return y;
+  return PITStepFunction::apply(x, weight, bias, center, scale, cdf, seen, mean, var, ready, nonfinite, atom,
+                                atom_mass, K, normal, tail, smoothing, momentum, shift, observe, do_follow, keep)[0];
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
